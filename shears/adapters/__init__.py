@@ -1,1 +1,39 @@
-"""adapters stage."""
+"""Stage 2a: elastic LoRA super-adapters, their injection and their search space.
+
+Imports nothing from training, search or export (data flows one way).
+"""
+
+from .config import (
+    Config,
+    SearchSpace,
+    adapter_parameters,
+    elastic_modules,
+    get_config,
+    heuristic_config,
+    maximal_config,
+    minimal_config,
+    random_config,
+    search_space,
+    set_config,
+    validate_config,
+)
+from .inject import add_elastic_lora, match_targets
+from .layer import ElasticLoRALinear
+
+__all__ = [
+    "Config",
+    "ElasticLoRALinear",
+    "SearchSpace",
+    "adapter_parameters",
+    "add_elastic_lora",
+    "elastic_modules",
+    "get_config",
+    "heuristic_config",
+    "match_targets",
+    "maximal_config",
+    "minimal_config",
+    "random_config",
+    "search_space",
+    "set_config",
+    "validate_config",
+]

@@ -1,0 +1,113 @@
+"""Injection: walk a model and swap the target linear layers for elastic LoRA adapters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layer import ElasticLoRALinear, validate_ranks
+
+GroupSpec = str | Callable[[str], str]
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def match_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Qualified names of the linear layers selected by ``target_modules``.
+
+    As in PEFT: a string is a regular expression that must match the whole qualified name;
+    a list holds name suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``).
+    """
+    names = _linear_names(model)
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        matched = [n for n in names if pattern.fullmatch(n)]
+    else:
+        suffixes = list(target_modules)
+        if not suffixes:
+            raise ValueError("target_modules is empty")
+        matched = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not matched:
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no Linear/Conv1D layer; "
+            f"candidate suffixes: {short}; e.g. {names[:4]}"
+        )
+    return matched
+
+
+def group_function(groups: GroupSpec) -> Callable[[str], str]:
+    """Turn ``"module"``, ``"layer"`` or a callable into a name -> group-key function."""
+    if callable(groups):
+        return groups
+    if groups == "module":
+        return lambda name: name
+    if groups == "layer":
+        # Every adapter inside one decoder block (the first numbered path component) shares
+        # one rank variable; a module outside any block is its own group.
+        def by_block(name: str) -> str:
+            m = _BLOCK.match(name)
+            return m.group(1) if m else name
+
+        return by_block
+    raise ValueError(f"groups must be 'module', 'layer' or a callable, got {groups!r}")
+
+
+def add_elastic_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    ranks: Sequence[int] = (32, 24, 16),
+    alpha: float = 64.0,
+    dropout: float = 0.0,
+    groups: GroupSpec = "module",
+    sparse_adapter: bool = False,
+) -> nn.Module:
+    """Attach elastic LoRA super-adapters in place and freeze everything else.
+
+    Args:
+        model: any module, typically a (pruned) ``*ForCausalLM``.
+        target_modules: name suffixes (``["q_proj", "k_proj", "v_proj", "up_proj",
+            "down_proj"]``) or one regex over qualified names (``r".*\\.mlp\\..*"``).
+        ranks: the elastic ranks of every adapter (descending order is kept).
+        alpha: LoRA alpha; scaling ``alpha / max(ranks)`` for every active rank.
+        dropout: dropout on the adapter input.
+        groups: which adapters share one rank variable: ``"module"`` (each its own),
+            ``"layer"`` (one per decoder block) or a callable qualified-name -> group key.
+            The paper's grouping (Q, K, V together; Up; Down; per block) is one line::
+
+                groups=lambda name: re.sub(r"[qkv]_proj$", "qkv_proj", name)
+
+        sparse_adapter: mask the update with the base weight's non-zeros (see
+            ``ElasticLoRALinear``).
+
+    Returns:
+        ``model`` itself, with only the adapters' ``lora_A``/``lora_B`` requiring grad.
+    """
+    if any(isinstance(m, ElasticLoRALinear) for m in model.modules()):
+        raise ValueError("elastic LoRA adapters are already applied to this model")
+    ranks = validate_ranks(ranks)
+    group_fn = group_function(groups)
+    names = match_targets(model, target_modules)
+    plan = []
+    for name in names:  # validate everything before swapping anything
+        base = model.get_submodule(name)
+        w = base.weight.shape
+        if ranks[0] > min(w):
+            raise ValueError(f"r_max={ranks[0]} exceeds min(in, out)={min(w)} of {name}")
+        key = group_fn(name)
+        if not isinstance(key, str):
+            raise TypeError(f"group keys must be strings, got {key!r} for {name}")
+        plan.append((name, base, key))
+    model.requires_grad_(False)
+    for name, base, key in plan:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = ElasticLoRALinear(base, ranks, alpha, dropout, sparse_adapter, group=key)
+        setattr(parent, child, layer)
+    return model
