@@ -1,0 +1,169 @@
+"""Wanda (Sun et al., 2023): prune by |W| * ||X||, one shot, no weight update."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from shears.pruning.calibration import Calibration, as_calibration
+from shears.pruning.capture import BlockInputs, call_block, capture_block_inputs
+from shears.pruning.layers import find_decoder_blocks, prunable_modules, weight_matrix
+from shears.pruning.masks import magnitude_scores, nm_mask, parse_pattern, unstructured_mask
+from shears.pruning.masks import wanda_scores
+from shears.pruning.statistics import BlockDone, InputStatistics
+from shears.report import SparsityReport, sparsity_report
+
+
+def _resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> float:
+    if nm is not None:
+        if sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"sparsity={sparsity} contradicts the {nm[0]}:{nm[1]} pattern "
+                             f"({nm[0] / nm[1]}); leave sparsity unset for N:M")
+        return nm[0] / nm[1]
+    sparsity = 0.5 if sparsity is None else sparsity
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return sparsity
+
+
+def _prune(module: nn.Module, scores: torch.Tensor, sparsity: float, nm) -> None:
+    mask = unstructured_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+    weight_matrix(module).masked_fill_(mask.to(module.weight.device), 0)
+
+
+def _device_of(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+def _check_finite(values, where: str) -> None:
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        raise RuntimeError(f"non-finite activations in {where}; check the model's dtype "
+                           "(fp16 overflow?) and the calibration data")
+
+
+def _run_pass(block, inputs: BlockInputs, calib: Calibration, batch_size: int, device,
+              stats: InputStatistics | None, write: bool) -> None:
+    """One pass of every calibration batch through ``block``; collect statistics if given,
+    and overwrite the hidden-state buffer with the block's outputs if ``write``."""
+    for b, (start, _, mask) in enumerate(calib.batches(batch_size)):
+        x = inputs.hidden[start : start + batch_size].to(device, non_blocking=True)
+        if stats is not None:
+            stats.start_batch(None if mask is None else mask.to(device))
+        try:
+            out = call_block(block, inputs, b, x, device)
+        except BlockDone:
+            continue
+        if write:
+            inputs.hidden[start : start + out.shape[0]].copy_(out)
+
+
+@torch.no_grad()
+def _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm,
+                 sequential: bool, propagate: bool, name: str) -> None:
+    # Sequential: statistics from this block's own (dense) forward, then the pruned block
+    # produces the next block's inputs. Otherwise one dense pass does both.
+    stats = InputStatistics(modules, device, stop_early=sequential or not propagate)
+    try:
+        _run_pass(block, inputs, calib, batch_size, device, stats,
+                  write=propagate and not sequential)
+    finally:
+        stats.remove()
+    means = stats.means(len(calib))
+    _check_finite(means.values(), f"decoder block {name}")
+    for qualified, module in modules.items():
+        _prune(module, wanda_scores(weight_matrix(module), means[qualified]), sparsity, nm)
+    if propagate and sequential:
+        _run_pass(block, inputs, calib, batch_size, device, None, write=True)
+    if propagate:
+        _check_finite([inputs.hidden], f"the outputs of decoder block {name}")
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model has parameters on the meta device; load real weights "
+                         "first (e.g. without device_map='meta' / init_empty_weights)")
+
+
+def wanda_prune(
+    model: nn.Module,
+    calibration=None,
+    sparsity: float | None = None,
+    *,
+    pattern: str = "unstructured",
+    method: str = "wanda",
+    sequential: bool = True,
+    batch_size: int = 8,
+    targets: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    offload_device: str | torch.device | None = None,
+    progress: bool = True,
+) -> SparsityReport:
+    """Prune the linear maps of a causal LM's decoder blocks in place, in one shot.
+
+    Args:
+        model: a decoder-only Hugging Face model (``nn.Linear`` and ``Conv1D`` maps).
+        calibration: LongTensor (n, seqlen) of token ids (see :func:`calibration_data`), a
+            list of dicts with ``input_ids`` (and optional ``attention_mask``), or a
+            DataLoader yielding such dicts. Unused by ``method="magnitude"``.
+        sparsity: fraction zeroed in each output row, in [0, 1). Default 0.5, or N/M.
+        pattern: ``"unstructured"`` or ``"N:M"`` (the N lowest of each M consecutive inputs).
+        method: ``"wanda"`` (|W| * sqrt(mean over sequences of sum_tokens x^2)) or
+            ``"magnitude"`` (|W|, the baseline).
+        sequential: prune block after block, each block's pruned outputs feeding the next
+            (the reference behaviour); False takes every statistic from the dense model.
+        batch_size: calibration rows per block call (only speed and memory depend on it).
+        targets, exclude: regexes over qualified module names (``re.search``).
+        offload_device: keep the model where it is (e.g. CPU) and move one decoder block at
+            a time to this device; calibration activations stay on the model's device.
+        progress: show a progress bar per decoder block.
+
+    Returns:
+        The :class:`SparsityReport` of the pruned maps.
+    """
+    nm = parse_pattern(pattern)
+    sparsity = _resolve_sparsity(sparsity, nm)
+    if method not in ("wanda", "magnitude"):
+        raise ValueError(f"method must be 'wanda' or 'magnitude', got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_model(model)
+    per_block = prunable_modules(model, targets, exclude)
+    pruned = [name for _, modules in per_block for name in modules]
+    if method == "magnitude":
+        with torch.no_grad():
+            for _, modules in per_block:
+                for module in modules.values():
+                    _prune(module, magnitude_scores(weight_matrix(module)), sparsity, nm)
+        return sparsity_report(model, pruned)
+    calib = as_calibration(calibration)  # validated before any weight is touched
+    was_training = model.training
+    model.eval()
+    try:
+        _prune_blocks(model, per_block, calib, sparsity, nm, sequential, batch_size,
+                      torch.device(offload_device) if offload_device else None, progress)
+    finally:
+        model.train(was_training)
+    return sparsity_report(model, pruned)
+
+
+def _prune_blocks(model, per_block, calib, sparsity, nm, sequential, batch_size,
+                  offload_device, progress) -> None:
+    prefix, blocks = find_decoder_blocks(model)
+    last = max(i for i, (_, modules) in enumerate(per_block) if modules)
+    store = _device_of(model) if offload_device is None else torch.device("cpu")
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size, store)
+    bar = tqdm(per_block[: last + 1], desc="wanda", unit="block", disable=not progress)
+    for i, (block, modules) in enumerate(bar):
+        home = _device_of(block)
+        device = offload_device or home
+        block.to(device)
+        name = f"{prefix}.{i}"
+        if modules:
+            _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm,
+                         sequential, propagate=i < last, name=name)
+        else:
+            _run_pass(block, inputs, calib, batch_size, device, None, write=True)
+        block.to(home if offload_device is None else store)

@@ -1,0 +1,103 @@
+"""Sparsity and parameter report: what was pruned, and what the model now holds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from shears.pruning.layers import find_decoder_blocks, linear_modules, weight_matrix
+
+
+@dataclass
+class ModuleSparsity:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    zeros: int
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per prunable module: name, (out, in) shape, zeros and sparsity; plus model totals.
+
+    Attributes:
+        modules: one :class:`ModuleSparsity` per reported linear map.
+        total_parameters: every parameter of the model (adapters included).
+        nonzero_parameters: its non-zero entries.
+        adapter_parameters: trainable adapter parameters (``lora_*``), 0 before stage 2.
+    """
+
+    modules: list[ModuleSparsity]
+    total_parameters: int
+    nonzero_parameters: int
+    adapter_parameters: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over entries of the reported modules together."""
+        numel = sum(m.numel for m in self.modules)
+        return sum(m.zeros for m in self.modules) / numel if numel else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "total_parameters": self.total_parameters,
+            "nonzero_parameters": self.nonzero_parameters,
+            "adapter_parameters": self.adapter_parameters,
+            "modules": [dict(asdict(m), shape=list(m.shape), sparsity=m.sparsity)
+                        for m in self.modules],
+            **self.extra,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        width = max([len(m.name) for m in self.modules] + [6])
+        lines = [f"{'module':<{width}}  {'shape':>12}  {'zeros':>10}  {'sparsity':>8}"]
+        for m in self.modules:
+            shape = f"{m.shape[0]}x{m.shape[1]}"
+            lines.append(f"{m.name:<{width}}  {shape:>12}  {m.zeros:>10}  {m.sparsity:>8.2%}")
+        lines += [
+            f"pruned modules: {len(self.modules)}, overall sparsity {self.sparsity:.2%}",
+            f"parameters: {self.total_parameters:,} total, {self.nonzero_parameters:,} non-zero"
+            f" ({self.nonzero_parameters / max(self.total_parameters, 1):.2%})",
+            f"adapter parameters: {self.adapter_parameters:,}",
+        ]
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, modules: list[str] | None = None) -> SparsityReport:
+    """Report the sparsity of ``modules`` (qualified names; default: every linear map of
+    the decoder blocks) and the model's parameter totals."""
+    if modules is None:
+        prefix, blocks = find_decoder_blocks(model)
+        table = {}
+        for i, block in enumerate(blocks):
+            table.update(linear_modules(block, f"{prefix}.{i}"))
+    else:
+        named = dict(model.named_modules())
+        missing = [n for n in modules if n not in named]
+        if missing:
+            raise KeyError(f"no such modules: {missing}")
+        table = {n: named[n] for n in modules}
+    rows = []
+    for name, module in table.items():
+        w = weight_matrix(module)
+        rows.append(ModuleSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel()))
+    params = list(model.named_parameters())  # skips tied duplicates (embeddings = lm_head)
+    return SparsityReport(
+        modules=rows,
+        total_parameters=sum(p.numel() for _, p in params),
+        nonzero_parameters=sum(int(torch.count_nonzero(p)) for _, p in params),
+        adapter_parameters=sum(p.numel() for n, p in params if "lora_" in n and p.requires_grad),
+    )
