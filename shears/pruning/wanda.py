@@ -9,8 +9,13 @@ from tqdm.auto import tqdm
 from shears.pruning.calibration import Calibration, as_calibration
 from shears.pruning.capture import BlockInputs, call_block, capture_block_inputs
 from shears.pruning.layers import find_decoder_blocks, prunable_modules, weight_matrix
-from shears.pruning.masks import magnitude_scores, nm_mask, parse_pattern, unstructured_mask
-from shears.pruning.masks import wanda_scores
+from shears.pruning.masks import (
+    magnitude_scores,
+    nm_mask,
+    parse_pattern,
+    unstructured_mask,
+    wanda_scores,
+)
 from shears.pruning.statistics import BlockDone, InputStatistics
 from shears.report import SparsityReport, sparsity_report
 
