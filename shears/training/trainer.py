@@ -1,0 +1,193 @@
+"""NLSTrainer: a ``transformers.Trainer`` that trains an elastic super-adapter with NLS.
+
+Neural Low-rank adapter Search: before every optimizer step a sampler picks one rank per
+adapter group and activates that sub-adapter; forward and backward then run on the sliced
+adapters only. Across steps one set of weights learns the whole family of nested
+sub-adapters. Everything else is the stock ``Trainer`` (optimizer, schedules, mixed
+precision, gradient accumulation and checkpointing, callbacks, ``report_to``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer
+
+from shears.adapters import (
+    Config,
+    get_config,
+    heuristic_config,
+    maximal_config,
+    minimal_config,
+    search_space,
+    set_config,
+    validate_config,
+)
+
+from .history import NLSHistory
+from .samplers import Sampler, get_sampler
+
+NLS_STATE_NAME = "nls_state.json"
+_NAMED = {"heuristic": heuristic_config, "maximal": maximal_config, "minimal": minimal_config}
+
+
+class NLSTrainer(Trainer):
+    """``Trainer`` plus Neural Low-rank adapter Search over the model's elastic adapters.
+
+    Args (besides everything ``Trainer`` takes):
+        nls_sampler: ``"uniform"`` (each group draws its rank uniformly), ``"sandwich"``
+            (maximal, minimal and uniform steps in rotation) or a callable
+            ``(space, rng, step) -> config``.
+        nls_seed: seed of the sampler's ``numpy`` generator; ``None`` uses ``args.seed``.
+            Every process seeds it the same way, so all ranks train the same sub-adapter.
+        eval_config: the sub-adapter used by ``evaluate``/``predict``: ``"heuristic"``,
+            ``"maximal"``, ``"minimal"`` or a complete config dict.
+
+    After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        nls_sampler: str | Sampler = "uniform",
+        nls_seed: int | None = None,
+        eval_config: str | Mapping[str, int] = "heuristic",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
+        self.nls_sampler = get_sampler(nls_sampler)
+        self.nls_seed = self.args.seed if nls_seed is None else int(nls_seed)
+        self.nls_rng = np.random.default_rng(self.nls_seed)
+        self.eval_config = self._resolve_eval_config(eval_config)
+        self.nls_history = NLSHistory()
+        self._nls_step: int | None = None  # optimizer step whose config is active
+        self._nls_loss: torch.Tensor | None = None  # that step's loss, summed over micro-batches
+        self._nls_config: Config = {}
+        self._nls_logged = 0  # records already summarised in the logs
+
+    def _resolve_eval_config(self, spec: str | Mapping[str, int]) -> Config:
+        if isinstance(spec, str):
+            if spec not in _NAMED:
+                raise ValueError(f"eval_config must be one of {list(_NAMED)} or a dict: {spec!r}")
+            return _NAMED[spec](self.nls_space)
+        config = validate_config(self.nls_space, spec)
+        missing = [g for g in self.nls_space if g not in config]
+        if missing:
+            raise ValueError(f"eval_config lacks {len(missing)} groups, e.g. {missing[:3]}")
+        return config
+
+    # ---- one configuration per optimizer step -------------------------------------------
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Activate the step's sub-adapter on its first micro-batch, then train as usual.
+
+        ``global_step`` only advances after the optimizer step, so every micro-batch of
+        gradient accumulation (and any checkpoint recomputation inside backward) sees the
+        same configuration.
+        """
+        step = self.state.global_step
+        if self._nls_step != step:
+            self._finish_nls_step()
+            config = self.nls_sampler(self.nls_space, self.nls_rng, step)
+            set_config(self.model, config)
+            self._nls_config = get_config(self.model)  # complete, even if the sampler's was not
+            self._nls_step, self._nls_loss = step, None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nls_loss = loss if self._nls_loss is None else self._nls_loss + loss
+        return loss
+
+    def _finish_nls_step(self) -> None:
+        """Record the finished step (config, loss) once; one ``.item()`` per optimizer step."""
+        if self._nls_loss is None or self._nls_step is None:
+            return
+        if self.state.global_step <= self._nls_step:
+            return  # the step is still accumulating micro-batches
+        self.nls_history.append(self._nls_step, self._nls_config, self._nls_loss.item())
+        self._nls_loss = None
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._finish_nls_step()
+
+    # ---- evaluation runs one fixed sub-adapter ---------------------------------------------
+
+    @contextlib.contextmanager
+    def eval_sub_adapter(self, config: Mapping[str, int] | None = None) -> Iterator[Config]:
+        """Activate ``config`` (default ``eval_config``) and restore the training config after."""
+        saved = get_config(self.model)
+        config = dict(self.eval_config if config is None else config)
+        set_config(self.model, config)
+        try:
+            yield config
+        finally:
+            set_config(self.model, saved)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self.eval_sub_adapter():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with self.eval_sub_adapter():
+            return super().predict(*args, **kwargs)
+
+    # ---- statistics in the logs --------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add NLS statistics to the training logs: mean active rank since the last log and
+        the share of all sampled group-ranks so far that took each rank value."""
+        self._finish_nls_step()
+        if "loss" in logs and self.nls_history.records:
+            recent = self.nls_history.records[self._nls_logged :]
+            ranks = [r for rec in recent for r in rec["config"].values()]
+            if ranks:
+                logs["nls_mean_rank"] = float(np.mean(ranks))
+            totals: dict[int, int] = {}
+            for counts in self.nls_history.rank_counts().values():
+                for rank, n in counts.items():
+                    totals[rank] = totals.get(rank, 0) + n
+            n_all = sum(totals.values())
+            for rank in sorted(totals, reverse=True):
+                logs[f"nls_freq_r{rank}"] = totals[rank] / n_all
+            self._nls_logged = len(self.nls_history.records)
+        super().log(logs, start_time)
+
+    # ---- the sampler's state travels with the checkpoint -----------------------------------
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        self._finish_nls_step()
+        if self.args.should_save:  # identical on every process: one JSON file, no pickle
+            state = {
+                "nls_seed": self.nls_seed,
+                "rng": self.nls_rng.bit_generator.state,
+                "history": self.nls_history.to_dict(),
+            }
+            with open(os.path.join(output_dir, NLS_STATE_NAME), "w") as f:
+                json.dump(state, f)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, NLS_STATE_NAME) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            state = json.load(f)
+        self.nls_rng.bit_generator.state = state["rng"]
+        self.nls_history = NLSHistory.from_dict(state["history"])
+        self._nls_logged = len(self.nls_history)
+        self._nls_step, self._nls_loss = None, None
