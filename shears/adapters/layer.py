@@ -79,6 +79,7 @@ class ElasticLoRALinear(nn.Module):
         self.scaling = self.alpha / self.r_max
         self.sparse_adapter = bool(sparse_adapter)
         self.group = group
+        self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters follow the base layer's device and stay fp32 whatever the base dtype.
         device = base_layer.weight.device

@@ -1,0 +1,139 @@
+"""Save and load a trained super-adapter: one JSON file and one safetensors file, no pickle.
+
+``super_adapter_config.json`` holds what ``add_elastic_lora`` needs to rebuild the adapters
+(targets, ranks, alpha, dropout, groups, sparse_adapter) and the active configuration;
+``super_adapter.safetensors`` holds ``<module>.lora_A`` (r_max, in) and ``<module>.lora_B``
+(out, r_max) in fp32. The base model is not saved: load onto the same (pruned) base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from shears.adapters import add_elastic_lora, elastic_modules, get_config, set_config
+
+CONFIG_NAME = "super_adapter_config.json"
+WEIGHTS_NAME = "super_adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def _shared(modules: list[tuple[str, Any]], attr: str) -> Any:
+    values = {getattr(m, attr) for _, m in modules}
+    if len(values) != 1:
+        raise ValueError(f"adapters disagree on {attr} ({values}); save_adapter supports "
+                         "adapters made by one add_elastic_lora call")
+    return values.pop()
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the super-adapter of ``model`` (all ranks, plus the active config) to ``directory``.
+
+    Returns the directory. The base weights are not written.
+    """
+    modules = list(elastic_modules(model))
+    if not modules:
+        raise ValueError("the model carries no elastic LoRA adapters; nothing to save")
+    meta = {
+        "format": "shears-super-adapter",
+        "version": FORMAT_VERSION,
+        "targets": [name for name, _ in modules],
+        "ranks": list(_shared(modules, "ranks")),
+        "alpha": _shared(modules, "alpha"),
+        "dropout": _shared(modules, "dropout_p"),
+        "sparse_adapter": _shared(modules, "sparse_adapter"),
+        "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
+        "config": get_config(model),
+        "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
+    }
+    tensors = {}
+    for name, m in modules:
+        tensors[f"{name}.lora_A"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.lora_B"] = m.lora_B.detach().to("cpu", torch.float32).contiguous()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON description written by ``save_adapter``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; was it written by save_adapter?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "shears-super-adapter" or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a version-{FORMAT_VERSION} shears super-adapter")
+    return meta
+
+
+def _attach(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Apply add_elastic_lora exactly as saved, or check that the model already matches."""
+    present = [name for name, _ in elastic_modules(model)]
+    if not present:
+        exact = "|".join(re.escape(t) for t in meta["targets"])
+        add_elastic_lora(model, exact, ranks=meta["ranks"], alpha=meta["alpha"],
+                         dropout=meta["dropout"], groups=meta["groups"].__getitem__,
+                         sparse_adapter=meta["sparse_adapter"])
+        present = [name for name, _ in elastic_modules(model)]
+    missing = sorted(set(meta["targets"]) - set(present))
+    extra = sorted(set(present) - set(meta["targets"]))
+    if missing or extra:
+        raise ValueError(f"the model's adapters do not match the saved ones: missing {missing[:4]},"
+                         f" unexpected {extra[:4]}")
+    for name, m in elastic_modules(model):
+        saved = (tuple(meta["ranks"]), float(meta["alpha"]), meta["groups"][name])
+        if (m.ranks, m.alpha, m.group if m.group is not None else name) != saved:
+            raise ValueError(f"adapter {name} has ranks/alpha/group {m.ranks, m.alpha, m.group}, "
+                             f"saved {saved}")
+
+
+def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Saved A (r_max, in) and B (out, r_max) must fit the JSON and the model's base layers."""
+    r_max = max(meta["ranks"])
+    for name, (out_f, in_f) in meta["shapes"].items():
+        for key, shape in ((f"{name}.lora_A", (r_max, in_f)), (f"{name}.lora_B", (out_f, r_max))):
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{key}: saved tensor {tuple(tensors[key].shape)}, "
+                                 f"expected {shape}")
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"the model has no module {name} to carry a saved adapter") from e
+        w = getattr(base, "base_layer", base).weight.shape
+        if sorted(w) != sorted((out_f, in_f)):
+            raise ValueError(f"{name}: base weight {tuple(w)} does not fit the saved adapter "
+                             f"(out={out_f}, in={in_f})")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the saved super-adapter to ``model`` in place and activate the saved config.
+
+    ``model`` is the base the adapter was trained on (without adapters, or with adapters of
+    the same layout, whose weights are then overwritten). Shapes are checked strictly.
+    """
+    meta = read_adapter_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    tensors = load_file(str(weights))
+    expected = {f"{t}.lora_{ab}" for t in meta["targets"] for ab in "AB"}
+    if set(tensors) != expected:
+        raise ValueError(f"{weights}: missing tensors {sorted(expected - set(tensors))[:4]}, "
+                         f"unexpected {sorted(set(tensors) - expected)[:4]}")
+    _check_shapes(model, meta, tensors)  # everything is checked before the model changes
+    _attach(model, meta)
+    for name, m in elastic_modules(model):
+        with torch.no_grad():
+            m.lora_A.copy_(tensors[f"{name}.lora_A"])
+            m.lora_B.copy_(tensors[f"{name}.lora_B"])
+    set_config(model, meta["config"])
+    return model
