@@ -1,1 +1,42 @@
-"""search stage."""
+"""Stage 3: pick a sub-adapter from a trained super-adapter.
+
+The O(1) heuristic (:func:`heuristic_config`, the middle of every rank list) and its
+companions come from :mod:`shears.adapters`; :func:`hill_climb` and :func:`nsga2_search`
+spend an evaluation budget to find a better sub-adapter, judged by ``evaluate(config)``
+(see :func:`make_evaluator`). Both return a :class:`SearchResult`, which
+:func:`plot_search` draws.
+"""
+
+from shears.adapters import (
+    adapter_parameters,
+    get_config,
+    heuristic_config,
+    maximal_config,
+    minimal_config,
+    random_config,
+    search_space,
+    set_config,
+)
+
+from .evaluator import make_evaluator
+from .hill_climb import hill_climb
+from .nsga2 import nsga2_search
+from .plot import plot_search
+from .result import Evaluation, SearchResult
+
+__all__ = [
+    "Evaluation",
+    "SearchResult",
+    "adapter_parameters",
+    "get_config",
+    "heuristic_config",
+    "hill_climb",
+    "make_evaluator",
+    "maximal_config",
+    "minimal_config",
+    "nsga2_search",
+    "plot_search",
+    "random_config",
+    "search_space",
+    "set_config",
+]

@@ -1,0 +1,128 @@
+"""What a sub-adapter search returns: every evaluation it made, the best one, the front.
+
+A :class:`SearchResult` is plain data and round-trips through JSON, so a search can be
+inspected, plotted, compared, or resumed (``hill_climb(..., resume=path)``) later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .pareto import pareto_mask
+
+SearchSpace = dict[str, list[int]]
+Config = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluated sub-adapter.
+
+    Attributes:
+        config: the configuration (group -> rank).
+        score: what ``evaluate(config)`` returned.
+        params: adapter parameters active under ``config`` (``None`` when the search was
+            given a bare search space rather than a model).
+        seconds: wall time of the ``evaluate`` call.
+        cost: the second objective of a multi-objective search (``None`` otherwise).
+    """
+
+    config: Config
+    score: float
+    params: int | None = None
+    seconds: float = 0.0
+    cost: float | None = None
+
+    @property
+    def objective_cost(self) -> float | None:
+        """The cost axis: ``cost`` when the search had one, else ``params``."""
+        return self.cost if self.cost is not None else self.params
+
+
+@dataclass
+class SearchResult:
+    """Every evaluation of a search, in the order it was made.
+
+    Attributes:
+        space: the search space (group -> descending rank list).
+        history: the evaluations; no configuration appears twice.
+        maximize: whether a larger score is better.
+        method: the search that produced it (``"hill_climb"``, ``"nsga2"``, ...).
+        settings: its arguments worth keeping (seed, budget, reference points, ...).
+    """
+
+    space: SearchSpace
+    history: list[Evaluation] = field(default_factory=list)
+    maximize: bool = True
+    method: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Evaluation:
+        """The best evaluation (the first one on ties); NaN scores never win."""
+        valid = [e for e in self.history if not math.isnan(e.score)]
+        if not valid:
+            raise ValueError("the search holds no evaluation with a valid score")
+        sign = 1.0 if self.maximize else -1.0
+        return max(valid, key=lambda e: sign * e.score)  # max keeps the first of ties
+
+    @property
+    def best_config(self) -> Config:
+        return dict(self.best.config)
+
+    @property
+    def best_score(self) -> float:
+        return self.best.score
+
+    @property
+    def pareto_front(self) -> list[Evaluation]:
+        """Evaluations that no other dominates on (score, cost), sorted by cost.
+
+        Cost is ``Evaluation.cost`` or, failing that, the adapter parameters; evaluations
+        with neither, or with a NaN score, take no part.
+        """
+        pool = [e for e in self.history
+                if e.objective_cost is not None and not math.isnan(e.score)]
+        if not pool:
+            return []
+        sign = -1.0 if self.maximize else 1.0
+        F = np.array([[sign * e.score, e.objective_cost] for e in pool], dtype=float)
+        front = [e for e, keep in zip(pool, pareto_mask(F), strict=True) if keep]
+        return sorted(front, key=lambda e: (e.objective_cost, sign * e.score))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "maximize": self.maximize,
+            "space": self.space,
+            "settings": self.settings,
+            "history": [asdict(e) for e in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchResult:
+        history = [Evaluation(**e) for e in data["history"]]
+        return cls(space={g: list(r) for g, r in data["space"].items()}, history=history,
+                   maximize=bool(data.get("maximize", True)), method=data.get("method", ""),
+                   settings=dict(data.get("settings", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the result as JSON (NaN scores are written as ``NaN``)."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SearchResult:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __repr__(self) -> str:
+        scores = [e.score for e in self.history if not math.isnan(e.score)]
+        best = f", best_score={self.best_score:.6g}" if scores else ""
+        return f"SearchResult(method={self.method!r}, evaluations={len(self.history)}{best})"
