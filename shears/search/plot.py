@@ -52,7 +52,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike | None = None,
         ax.scatter(refs[:, 1], refs[:, 0], marker="x", c="black", s=70,
                    label="reference point", zorder=4)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("score")
+    ax.set_ylabel(f"score ({'higher' if result.maximize else 'lower'} is better)")
     best = result.best_score
     ax.set_title(title or f"{result.method or 'search'}: {len(y)} evaluations, best {best:.4g}")
     ax.grid(alpha=0.3)
