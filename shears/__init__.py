@@ -1,11 +1,54 @@
 """shears: sparse base models and elastic low-rank super-adapters (Shears, NAACL 2024).
 
-Stage 1, pruning: :func:`calibration_data`, :func:`wanda_prune`, :func:`sparsity_report`.
+1. Pruning: :func:`calibration_data`, :func:`wanda_prune`, :func:`sparsity_report`.
+2. Super-adapter: :class:`ElasticLoRALinear`, :func:`add_elastic_lora`, :class:`NLSTrainer`,
+   configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
+   :func:`save_adapter` / :func:`load_adapter`.
+3. Sub-adapter search: :func:`heuristic_config`, :func:`hill_climb`, :func:`nsga2_search`,
+   judged by :mod:`shears.evaluation`.
 """
 
+from shears.adapters import (
+    ElasticLoRALinear,
+    adapter_parameters,
+    add_elastic_lora,
+    get_config,
+    heuristic_config,
+    maximal_config,
+    minimal_config,
+    random_config,
+    search_space,
+    set_config,
+)
+from shears.export import load_adapter, save_adapter
 from shears.pruning import calibration_data, wanda_prune
 from shears.report import SparsityReport, sparsity_report
+from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
+from shears.training import NLSTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["SparsityReport", "calibration_data", "sparsity_report", "wanda_prune"]
+__all__ = [
+    "ElasticLoRALinear",
+    "NLSTrainer",
+    "SearchResult",
+    "SparsityReport",
+    "adapter_parameters",
+    "add_elastic_lora",
+    "calibration_data",
+    "get_config",
+    "heuristic_config",
+    "hill_climb",
+    "load_adapter",
+    "make_evaluator",
+    "maximal_config",
+    "minimal_config",
+    "nsga2_search",
+    "plot_search",
+    "random_config",
+    "save_adapter",
+    "search_space",
+    "set_config",
+    "sparsity_report",
+    "wanda_prune",
+]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +53,29 @@ def perplexity(
         total_nll += nll.double().cpu()
     model.train(was_training)
     return math.exp(total_nll.item() / (n_windows * (seqlen - 1)))
+
+
+def data_dir(path: str | os.PathLike | None = None) -> Path:
+    """The data folder: ``path``, else ``$SHEARS_DATA_DIR``.
+
+    Raises:
+        FileNotFoundError: neither given, or the folder does not exist.
+    """
+    path = path or os.environ.get("SHEARS_DATA_DIR")
+    if not path:
+        raise FileNotFoundError("no data folder: pass one (e.g. --data ../shared/data) or set "
+                                "SHEARS_DATA_DIR")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"data folder {path} does not exist")
+    return Path(path)
+
+
+def wikitext2_ids(tokenizer, path: str | os.PathLike | None = None) -> torch.LongTensor:
+    """The raw WikiText-2 test split tokenized as one string, shape (n_tokens,).
+
+    ``path`` is the data folder holding ``wikitext-2-raw/wiki.test.raw`` (or the file itself).
+    """
+    path = Path(path) if path and Path(path).is_file() else (
+        data_dir(path) / "wikitext-2-raw" / "wiki.test.raw")
+    text = path.read_text(encoding="utf-8")
+    return tokenizer(text, return_tensors="pt").input_ids[0]
