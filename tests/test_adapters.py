@@ -166,3 +166,27 @@ def test_set_config_changes_logits_and_rank_slices_share_weights():
         zeroed = model(ids).logits
     assert (full - small).abs().max() > 1e-3
     torch.testing.assert_close(small, zeroed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_peft_at_r_max_and_heuristic_slice():
+    from shears.adapters import heuristic_config
+    from shears.models import load_smollm2
+
+    ref, _ = load_smollm2()
+    ours = add_elastic_lora(copy.deepcopy(ref), TARGETS, ranks=[32, 24, 16], alpha=64)
+    randomise_adapters(ours)
+    peft = get_peft_model(ref, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
+    for name, m in elastic_modules(ours):
+        p = peft.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            p.lora_A["default"].weight.copy_(m.lora_A)
+            p.lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids).logits - peft(ids).logits).abs().max() <= 1e-4
+        # The heuristic sub-adapter (rank 24) equals PEFT with columns 24.. of B zeroed.
+        set_config(ours, heuristic_config(ours))
+        for name, _ in elastic_modules(ours):
+            peft.base_model.model.get_submodule(name).lora_B["default"].weight[:, 24:] = 0
+        assert (ours(ids).logits - peft(ids).logits).abs().max() <= 1e-4
