@@ -119,6 +119,8 @@ class NLSTrainer(Trainer):
         self._nls_loss = None
 
     def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the sampler's stream continues across calls unless resumed."""
+        self._nls_step, self._nls_loss = None, None  # global_step restarts at 0
         try:
             return super().train(*args, **kwargs)
         finally:
