@@ -81,17 +81,19 @@ def generate_tokens(
     generated: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
-        rows = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([{"input_ids": ids[i]} for i in rows])
-                 .items()}  # (b, longest prompt), left-padded
-        seqs = model.generate(**batch, generation_config=config)  # (b, longest + new)
-        for i, new in zip(rows, seqs[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
-            # a finished row is filled with padding up to the batch's longest
-            end = next((j for j, t in enumerate(new) if t in stop), len(new))
-            generated[i] = new[:end]
-    model.train(was_training)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate",
+                          disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            batch = collate([{"input_ids": ids[i]} for i in rows])  # (b, longest), left-padded
+            batch = {k: v.to(device) for k, v in batch.items()}
+            seqs = model.generate(**batch, generation_config=config)  # (b, longest + new)
+            for i, new in zip(rows, seqs[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+                # a row that finished early is filled with padding up to the batch's longest
+                end = next((j for j, t in enumerate(new) if t in stop), len(new))
+                generated[i] = new[:end]
+    finally:
+        model.train(was_training)
     return generated
 
 
