@@ -27,6 +27,9 @@ from shears.evaluation.perplexity import perplexity, wikitext2_ids
 from shears.models import load_smollm2
 from shears.pruning.layers import linear_modules
 
+# implementation -> wanda_prune batch size (None: the reference below)
+IMPLS = {"reference": None, "shears (batch 1, default)": 1, "shears batch 8": 8}
+
 
 # ---- the reference: locuslab/wanda lib/prune.py (prune_wanda + WrappedGPT), batch 1 ----
 class WrappedGPT:
@@ -120,6 +123,9 @@ def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
     model, _ = load_smollm2()
     model.to(device).config.use_cache = False
     calib = torch.load(calib_path)
+    with torch.no_grad():  # fault in every weight page (the checkpoint is memory-mapped), so
+        for p in model.parameters():  # that the baseline below holds the whole model
+            p.sum()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -129,10 +135,10 @@ def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
         _reset_peak()
         base = _kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    if impl == "shears":
-        wanda_prune(model, calib, 0.5, batch_size=8, progress=False)
-    else:
+    if IMPLS[impl] is None:
         reference_wanda(model, calib, 0.5)
+    else:
+        wanda_prune(model, calib, 0.5, batch_size=IMPLS[impl], progress=False)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -145,7 +151,7 @@ def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
 
 
 def run_worker(impl: str, calib_path: str, tmp: Path, device: str, k: int) -> dict:
-    out = tmp / f"{impl}{k}.pt"
+    out = tmp / f"{impl.replace(' ', '_')}{k}.pt"
     cmd = [sys.executable, __file__, "--worker", impl, "--calib", calib_path, "--out", str(out),
            "--device", device]
     subprocess.run(cmd, check=True)
@@ -191,53 +197,55 @@ def main() -> None:
         tmp = Path(tmp)
         calib_path = str(tmp / "calib.pt")
         torch.save(calib, calib_path)
-        runs = {"reference": [], "shears": []}
+        runs = {impl: [] for impl in IMPLS}
         for k in range(args.repeats):
             for impl in runs:
                 runs[impl].append(run_worker(impl, calib_path, tmp, args.device, k))
-                print(f"  {impl} run {k}: {runs[impl][-1]['seconds']:.1f} s")
+                print(f"  {impl} run {k}: {runs[impl][-1]['seconds']:.1f} s", flush=True)
     best = {impl: min(r, key=lambda x: x["seconds"]) for impl, r in runs.items()}
-    extra = {impl: max(x["peak"] - x["base"] for x in r) for impl, r in runs.items()}
-    peak = {impl: max(x["peak"] for x in r) for impl, r in runs.items()}
+    summary = {"device": args.device, "threads": torch.get_num_threads(), "implementations": {}}
+    for impl, r in runs.items():
+        summary["implementations"][impl] = {
+            "time_s": best[impl]["seconds"],
+            "peak_mib": max(x["peak"] for x in r) / 2**20,
+            "peak_above_model_mib": max(x["peak"] - x["base"] for x in r) / 2**20,
+            "mask_agreement": agreement(best[impl]["masks"], best["reference"]["masks"]),
+        }
+    summary["perplexity"] = perplexities(best, calib, ppl_ids, args.device)
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
 
+
+def perplexities(best: dict, calib, ppl_ids, device) -> dict[str, float]:
     model, _ = load_smollm2()
-    model.to(args.device)
+    model.to(device)
     results = {"dense": perplexity(model, ppl_ids, 512, max_windows=40, progress=False)}
-    results["wanda 50% (shears)"] = masked_ppl(best["shears"]["masks"], ppl_ids, args.device)
-    results["wanda 50% (reference)"] = masked_ppl(best["reference"]["masks"], ppl_ids,
-                                                  args.device)
+    for impl, run in best.items():
+        results[f"wanda 50% ({impl})"] = masked_ppl(run["masks"], ppl_ids, device)
     wanda_prune(model, None, 0.5, method="magnitude", progress=False)
     results["magnitude 50%"] = perplexity(model, ppl_ids, 512, max_windows=40, progress=False)
     model, _ = load_smollm2()
-    wanda_prune(model.to(args.device), calib, pattern="2:4", progress=False)
+    wanda_prune(model.to(device), calib, pattern="2:4", progress=False)
     results["wanda 2:4 (shears)"] = perplexity(model, ppl_ids, 512, max_windows=40,
-                                               progress=False)
+                                                        progress=False)
+    return results
 
-    agree = agreement(best["shears"]["masks"], best["reference"]["masks"])
-    mib = 2**20
-    summary = {
-        "device": args.device,
-        "time_s": {k: v["seconds"] for k, v in best.items()},
-        "time_ratio": best["shears"]["seconds"] / best["reference"]["seconds"],
-        "peak_mib": {k: v / mib for k, v in peak.items()},
-        "peak_ratio": peak["shears"] / peak["reference"],
-        "peak_above_model_mib": {k: v / mib for k, v in extra.items()},
-        "peak_above_model_ratio": extra["shears"] / extra["reference"],
-        "mask_agreement": agree,
-        "perplexity": results,
-    }
-    print("\n| | reference | shears | shears/reference |\n|---|---|---|---|")
-    print(f"| prune time (s) | {best['reference']['seconds']:.1f} | "
-          f"{best['shears']['seconds']:.1f} | {summary['time_ratio']:.3f} |")
-    print(f"| peak memory (MiB) | {peak['reference'] / mib:.0f} | {peak['shears'] / mib:.0f} | "
-          f"{summary['peak_ratio']:.3f} |")
-    print(f"| peak above the loaded model (MiB) | {extra['reference'] / mib:.0f} | "
-          f"{extra['shears'] / mib:.0f} | {summary['peak_above_model_ratio']:.3f} |")
-    print(f"\nmask agreement shears vs reference: {agree:.5%}\n\n| model | perplexity |\n|---|---|")
-    for name, value in results.items():
+
+def print_summary(summary: dict) -> None:
+    impls = summary["implementations"]
+    ref = impls["reference"]
+    print("\n| implementation | time (s) | time / ref | peak RSS (MiB) | peak / ref "
+          "| peak above model (MiB) | above / ref | mask agreement |\n" + "|---" * 8 + "|")
+    for impl, r in impls.items():
+        print(f"| {impl} | {r['time_s']:.1f} | {r['time_s'] / ref['time_s']:.3f} "
+              f"| {r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.3f} "
+              f"| {r['peak_above_model_mib']:.0f} "
+              f"| {r['peak_above_model_mib'] / ref['peak_above_model_mib']:.3f} "
+              f"| {r['mask_agreement']:.5%} |")
+    print("\n| model | WikiText-2 perplexity |\n|---|---|")
+    for name, value in summary["perplexity"].items():
         print(f"| {name} | {value:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
