@@ -5,7 +5,8 @@
    configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
    :func:`save_adapter` / :func:`load_adapter`.
 3. Sub-adapter search: :func:`heuristic_config`, :func:`hill_climb`, :func:`nsga2_search`,
-   judged by :mod:`shears.evaluation`.
+   judged by :mod:`shears.evaluation` (:func:`evaluate_generation`, :func:`evaluate_loss`,
+   :func:`perplexity`; :func:`format_prompt`, :func:`load_task`, :func:`instruction_dataset`).
 """
 
 from shears.adapters import (
@@ -20,6 +21,16 @@ from shears.adapters import (
     search_space,
     set_config,
 )
+from shears.evaluation import (
+    EvalResult,
+    InstructionCollator,
+    evaluate_generation,
+    evaluate_loss,
+    format_prompt,
+    instruction_dataset,
+    load_task,
+    perplexity,
+)
 from shears.export import load_adapter, save_adapter
 from shears.pruning import calibration_data, wanda_prune
 from shears.report import SparsityReport, sparsity_report
@@ -30,12 +41,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElasticLoRALinear",
+    "EvalResult",
+    "InstructionCollator",
     "NLSTrainer",
     "SearchResult",
     "SparsityReport",
     "adapter_parameters",
     "add_elastic_lora",
     "calibration_data",
+    "evaluate_generation",
+    "evaluate_loss",
+    "format_prompt",
+    "instruction_dataset",
+    "load_task",
+    "perplexity",
     "get_config",
     "heuristic_config",
     "hill_climb",

@@ -35,8 +35,14 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SHEARS_DATA_DIR", str(tmp_path))
     assert load_task("boolq", split="train")[0]["answer"] == "true"
     monkeypatch.delenv("SHEARS_DATA_DIR")
-    with pytest.raises(ValueError, match="SHEARS_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match="SHEARS_DATA_DIR"):
         load_task("boolq")
+
+
+def test_data_root_with_llm_adapters_subfolder(tmp_path):
+    (tmp_path / "llm-adapters").mkdir()
+    _write(tmp_path / "llm-adapters", "piqa_test.json", [_rec("y", "solution2")])
+    assert load_task("piqa", tmp_path)[0]["answer"] == "solution2"
 
 
 def test_missing_file_names_the_expected_file(tmp_path):

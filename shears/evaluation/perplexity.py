@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from shears.evaluation.paths import data_dir
+
 
 @torch.no_grad()
 def perplexity(
@@ -53,21 +55,6 @@ def perplexity(
         total_nll += nll.double().cpu()
     model.train(was_training)
     return math.exp(total_nll.item() / (n_windows * (seqlen - 1)))
-
-
-def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``path``, else ``$SHEARS_DATA_DIR``.
-
-    Raises:
-        FileNotFoundError: neither given, or the folder does not exist.
-    """
-    path = path or os.environ.get("SHEARS_DATA_DIR")
-    if not path:
-        raise FileNotFoundError("no data folder: pass one (e.g. --data ../shared/data) or set "
-                                "SHEARS_DATA_DIR")
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"data folder {path} does not exist")
-    return Path(path)
 
 
 def wikitext2_ids(tokenizer, path: str | os.PathLike | None = None) -> torch.LongTensor:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from shears.evaluation.paths import data_dir
+
 # Kind of answer per task: "math" (a number), "letter" (AQuA, A-E), or a tuple of the
 # commonsense vocabulary (the label is one of these words).
 _ANSWERS5 = tuple(f"answer{i}" for i in range(1, 6))
@@ -50,12 +52,11 @@ def task_kind(name: str) -> str | tuple[str, ...]:
     return TASKS[task_name(name)]
 
 
-def _data_dir(path: str | os.PathLike | None) -> Path:
-    if path is None:
-        path = os.environ.get("SHEARS_DATA_DIR")
-        if path is None:
-            raise ValueError("give the data folder as `path` or set $SHEARS_DATA_DIR")
-    return Path(path)
+def _adapters_dir(path: str | os.PathLike | None) -> Path:
+    """The LLM-Adapters folder: ``path`` itself, or its ``llm-adapters/`` subfolder when
+    ``path`` is the data root (as for the examples' ``--data``)."""
+    base = data_dir(path)
+    return base / "llm-adapters" if (base / "llm-adapters").is_dir() else base
 
 
 def load_task(
@@ -69,15 +70,15 @@ def load_task(
 
     Args:
         name: a task of :data:`TASKS`, in any letter case.
-        path: the folder of the LLM-Adapters JSON files, or one JSON file;
-            defaults to ``$SHEARS_DATA_DIR``.
+        path: the folder of the LLM-Adapters JSON files (or the data root holding it as
+            ``llm-adapters/``), or one JSON file; defaults to ``$SHEARS_DATA_DIR``.
         split: ``"test"`` or ``"train"``.
         exclude: training records; test records whose instruction also occurs there are
             dropped (see :func:`drop_overlap`), as held-out evaluation needs.
         limit: keep only the first ``limit`` records (after the exclusion).
     """
     name = task_name(name)
-    base = _data_dir(path)
+    base = _adapters_dir(path)
     file = base if base.suffix == ".json" else base / f"{name}_{split}.json"
     if not file.is_file():
         raise FileNotFoundError(f"task {name!r}: expected the LLM-Adapters file {file}")
