@@ -7,12 +7,12 @@ AdamW, lr 3e-4, batch x seqlen tokens per step, no checkpoints) and the same Wik
 windows in the same order. ``nls``: ``NLSTrainer`` over ranks [32, 24, 16] (uniform
 sampler); ``peft``: ``Trainer`` over a PEFT ``LoraConfig(r=32, lora_alpha=64)`` model.
 
-Each training runs in a fresh subprocess so that its peak memory is its own; runs alternate
-(peft, nls, peft, nls, ...) and the best throughput of ``--repeats`` is kept per side.
-Throughput counts the steps after the first (warm-up) one. Peak memory is the process's
-peak resident set during ``train()`` (``VmHWM`` after resetting it once the model is loaded,
-with glibc returning large blocks on free; ``torch.cuda.max_memory_allocated`` on a GPU),
-the lowest of the repeats per side.
+Each training runs in a fresh subprocess so that its peak memory is its own. Throughput:
+runs alternate (peft, nls, nls_max, peft, ...), the best of ``--repeats`` is kept per side,
+and the first (warm-up) step is not counted. Peak memory: one more short run per side,
+the process's peak resident set during ``train()`` (``VmHWM`` reset once the model is
+loaded), with glibc told to return large blocks on free so that the figure follows live
+tensors rather than heap fragmentation; ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 
 from __future__ import annotations
@@ -120,14 +120,18 @@ def worker(opts: argparse.Namespace) -> dict:
     return result
 
 
-def run_side(side: str, opts: argparse.Namespace) -> dict:
+def run_side(side: str, opts: argparse.Namespace, memory: bool = False) -> dict:
+    steps = opts.memory_steps if memory else opts.steps
     cmd = [sys.executable, __file__, "--worker", side, "--data", opts.data, "--steps",
-           str(opts.steps), "--batch", str(opts.batch), "--seqlen", str(opts.seqlen),
+           str(steps), "--batch", str(opts.batch), "--seqlen", str(opts.seqlen),
            "--device", opts.device, "--out", opts.out]
-    # glibc otherwise keeps freed blocks mapped, so peak RSS would depend on heap
-    # fragmentation; with these, large blocks are mmapped and returned on free, and the
-    # peak resident set follows the peak of live tensors (identically for every side).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = dict(os.environ)
+    if memory:
+        # glibc otherwise keeps freed blocks mapped, so peak RSS depends on heap
+        # fragmentation (runs of one side differed by 10%); with these, large blocks are
+        # mmapped and returned on free, and the peak resident set follows the peak of live
+        # tensors. It slows every allocation, hence separate runs for the memory figure.
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{proc.stderr[-3000:]}")
@@ -141,6 +145,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory runs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="/tmp/shears-bench-nls")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -155,26 +160,28 @@ def main() -> None:
             r = runs[side][-1]
             print(f"[{i}] {side}: {r['tokens_per_s']:.1f} tok/s, peak "
                   f"{r['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
-    report(runs, opts)
+    mem = {side: run_side(side, opts, memory=True) for side in SIDES} if opts.device == "cpu" \
+        else {side: min(rs, key=lambda r: r["peak_bytes"]) for side, rs in runs.items()}
+    report(runs, mem, opts)
 
 
-def report(runs: dict[str, list[dict]], opts: argparse.Namespace) -> None:
+def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Namespace) -> None:
     """A markdown table plus the ratios against the PEFT baseline of the same run."""
     best = {s: max(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
-    peak = {s: min(r["peak_bytes"] for r in rs) for s, rs in runs.items()}
-    above = {s: min(r["peak_above_start_bytes"] for r in rs) for s, rs in runs.items()}
+    peak = {s: m["peak_bytes"] for s, m in mem.items()}
+    above = {s: m["peak_above_start_bytes"] for s, m in mem.items()}
     mib = 2**20
     print(f"| side | tokens/s (best of {opts.repeats}) | all runs | throughput ratio | peak MiB |"
-          " all runs | peak ratio | peak above start MiB | trainable params |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          " peak ratio | peak above start MiB | trainable params |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for s, label in SIDES.items():
         all_tps = ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs[s])
-        all_peak = ", ".join(f"{r['peak_bytes'] / mib:.0f}" for r in runs[s])
         print(f"| {label} | {best[s]:.1f} | {all_tps} | {best[s] / best['peft']:.3f} | "
-              f"{peak[s] / mib:.0f} | {all_peak} | {peak[s] / peak['peft']:.3f} | "
-              f"{above[s] / mib:.0f} | {runs[s][0]['trainable']:,} |")
+              f"{peak[s] / mib:.0f} | {peak[s] / peak['peft']:.3f} | {above[s] / mib:.0f} | "
+              f"{runs[s][0]['trainable']:,} |")
     print(f"\nNLS mean sampled rank {runs['nls'][0]['mean_rank']:.1f}; {opts.steps} steps "
-          f"(first = warm-up) of {opts.batch} x {opts.seqlen} tokens, device {opts.device}")
+          f"(first = warm-up) of {opts.batch} x {opts.seqlen} tokens, device {opts.device}; "
+          f"peak memory from separate {opts.memory_steps}-step runs")
 
 
 if __name__ == "__main__":
