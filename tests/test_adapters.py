@@ -21,15 +21,6 @@ from shears.adapters import (
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster single-threaded, especially on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomise_adapters(model, seed=0):
     """lora_B starts at zero; give it values so that the update is visible."""
     g = torch.Generator().manual_seed(seed)

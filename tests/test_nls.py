@@ -14,16 +14,6 @@ from shears.training import NLSTrainer, sandwich_sampler
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread costs more than it saves (up to 30x slower
-    when the 2 cores are shared), so these trainings run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dataset(n=32, seqlen=16, seed=0):
     ids = random_ids(n, seqlen, seed)
     return [{"input_ids": x, "labels": x.clone()} for x in ids]

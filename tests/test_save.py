@@ -21,15 +21,6 @@ from shears.export import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster single-threaded, especially on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def trained_like(family="llama", **kw):
     """An adapted tiny model whose adapters hold random values (as after training)."""
     model = add_elastic_lora(make_tiny(family), kw.pop("targets", TARGETS), **kw)
