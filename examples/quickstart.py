@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -44,7 +45,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 def paper_groups(name: str) -> str:
     """Q, K and V of a block share one rank; Up and Down each have their own (per block)."""
-    return name.replace(".q_proj", ".qkv").replace(".k_proj", ".qkv").replace(".v_proj", ".qkv")
+    return re.sub(r"[qkv]_proj$", "qkv_proj", name)  # the one-liner of add_elastic_lora's doc
 
 
 def prune(model, tok, args) -> None:
