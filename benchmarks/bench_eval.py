@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from shears.evaluation import (
     load_task,
 )
 from shears.evaluation.generation import STOP_MARKER
-from shears.models import load_smollm2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
 
 
 def one_at_a_time(model, tok, prompts: list[str], max_new_tokens: int) -> list[list[int]]:

@@ -74,7 +74,8 @@ def windows(data: str, tok, n: int, seqlen: int) -> list[dict]:
 
 def worker(opts: argparse.Namespace) -> dict:
     """One training run of ``opts.worker`` ("nls" or "peft"); returns its figures."""
-    from shears.models import load_smollm2
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from smollm2 import load_smollm2  # the examples' model loader
 
     torch.manual_seed(0)
     model, tok = load_smollm2()

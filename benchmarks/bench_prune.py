@@ -24,8 +24,10 @@ from torch import nn
 
 from shears import wanda_prune
 from shears.evaluation.perplexity import perplexity, wikitext2_ids
-from shears.models import load_smollm2
 from shears.pruning.layers import linear_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
 
 # implementation -> wanda_prune batch size (None: the reference below)
 IMPLS = {"reference": None, "shears (batch 1, default)": 1, "shears batch 8": 8}

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from smollm2 import load_smollm2
 
 from shears import wanda_prune
 from shears.evaluation.perplexity import perplexity, wikitext2_ids
-from shears.models import load_smollm2
 
 
 def main() -> None:

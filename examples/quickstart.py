@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from smollm2 import load_smollm2
 from transformers import TrainingArguments
 
 import shears
@@ -38,7 +39,6 @@ from shears.evaluation import (
 )
 from shears.evaluation.paths import data_dir
 from shears.evaluation.perplexity import perplexity, wikitext2_ids
-from shears.models import load_smollm2
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

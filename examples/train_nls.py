@@ -18,12 +18,12 @@ import re
 from pathlib import Path
 
 import torch
+from smollm2 import load_smollm2
 from transformers import TrainingArguments
 
 from shears import add_elastic_lora, calibration_data, save_adapter, wanda_prune
 from shears.adapters import heuristic_config, maximal_config, minimal_config, set_config
 from shears.evaluation import InstructionCollator, evaluate_loss, instruction_dataset
-from shears.models import load_smollm2
 from shears.training import NLSTrainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

@@ -33,7 +33,7 @@ from shears.evaluation import (
 )
 from shears.export import load_adapter, save_adapter
 from shears.pruning import calibration_data, wanda_prune
-from shears.report import SparsityReport, sparsity_report
+from shears.pruning.report import SparsityReport, sparsity_report
 from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
 from shears.training import NLSTrainer
 

@@ -161,8 +161,9 @@ def test_set_config_changes_logits_and_rank_slices_share_weights():
 
 @pytest.mark.slow
 def test_smollm2_matches_peft_at_r_max_and_heuristic_slice():
+    from smollm2 import load_smollm2
+
     from shears.adapters import heuristic_config
-    from shears.models import load_smollm2
 
     ref, _ = load_smollm2()
     ours = add_elastic_lora(copy.deepcopy(ref), TARGETS, ranks=[32, 24, 16], alpha=64)

@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llm-ada
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from shears.models import load_smollm2
+    from smollm2 import load_smollm2
 
     return load_smollm2()
 

@@ -9,11 +9,9 @@ ROOT = Path(__file__).resolve().parents[1] / "shears"
 
 # room -> rooms of shears it may import (besides itself)
 ALLOWED = {
-    "models": set(),
     "evaluation": set(),
     "adapters": set(),
-    "pruning": {"report"},
-    "report": {"pruning.layers"},
+    "pruning": set(),
     "training": {"adapters"},
     "search": {"adapters"},
     "export": {"adapters"},

@@ -17,7 +17,7 @@ DATA = Path(os.environ.get("SHEARS_DATA_DIR",
 def test_wanda_50_on_smollm2_keeps_perplexity_reasonable():
     if not (DATA / "wikitext-2-raw" / "wiki.test.raw").exists():
         pytest.skip("shared data absent")
-    from shears.models import load_smollm2
+    from smollm2 import load_smollm2
 
     model, tok = load_smollm2()
     ids = wikitext2_ids(tok, DATA)

@@ -17,7 +17,8 @@ from shears.pruning.masks import (
     wanda_scores,
 )
 from shears.pruning.statistics import BlockDone, InputStatistics
-from shears.report import SparsityReport, sparsity_report
+
+from .report import SparsityReport, sparsity_report
 
 
 def _resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> float:

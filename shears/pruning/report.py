@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from shears.pruning.layers import find_decoder_blocks, linear_modules, weight_matrix
+from .layers import find_decoder_blocks, linear_modules, weight_matrix
 
 
 @dataclass
