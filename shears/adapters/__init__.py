@@ -19,13 +19,17 @@ from .config import (
 )
 from .inject import add_elastic_lora, match_targets
 from .layer import ElasticLoRALinear
+from .metadata import METADATA_KEY, adapter_layout, clear_adapter_metadata
 
 __all__ = [
     "Config",
     "ElasticLoRALinear",
+    "METADATA_KEY",
     "SearchSpace",
+    "adapter_layout",
     "adapter_parameters",
     "add_elastic_lora",
+    "clear_adapter_metadata",
     "elastic_modules",
     "get_config",
     "heuristic_config",

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layer import ElasticLoRALinear, validate_ranks
+from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
@@ -87,7 +88,9 @@ def add_elastic_lora(
             ``ElasticLoRALinear``).
 
     Returns:
-        ``model`` itself, with only the adapters' ``lora_A``/``lora_B`` requiring grad.
+        ``model`` itself, with only the adapters' ``lora_A``/``lora_B`` requiring grad. Its
+        ``config`` (if it is a transformers config) records the adapters' layout as
+        ``shears_super_adapter``, so that ``save_pretrained`` writes it to ``config.json``.
     """
     if any(isinstance(m, ElasticLoRALinear) for m in model.modules()):
         raise ValueError("elastic LoRA adapters are already applied to this model")
@@ -110,4 +113,5 @@ def add_elastic_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = ElasticLoRALinear(base, ranks, alpha, dropout, sparse_adapter, group=key)
         setattr(parent, child, layer)
+    record_adapter_metadata(model)  # replaces a stale layout from a reloaded checkpoint
     return model

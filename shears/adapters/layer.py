@@ -3,17 +3,27 @@
 The super-adapter holds ``lora_A`` (r_max, in) and ``lora_B`` (out, r_max). A sub-adapter of
 rank ``r`` is the prefix slice ``A[:r, :]``, ``B[:, :r]``, and it keeps the super-adapter's
 scaling ``alpha / r_max``: it is a slice, not a re-scaled LoRA of its own (DESIGN.md).
+
+State-dict format: the base layer's tensors are saved under the module's own names
+(``<module>.weight``, ``<module>.bias``, as in the model without adapters), next to
+``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.lora_active_rank`` (a 0-d int64).
+So ``save_pretrained`` of an adapted model writes a checkpoint whose base plain
+``from_pretrained`` loads, and the adapter keys are the only ones it skips.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+BASE = "base_layer."
+ACTIVE_RANK_KEY = "lora_active_rank"
 
 
 def validate_ranks(ranks: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
@@ -87,6 +97,10 @@ class ElasticLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's default init
         self._active_rank = self.r_max
+        # Plain functions, not bound methods: copy.deepcopy and pickle carry them over, and the
+        # copy's hooks act on the copy (torch passes the module in).
+        self.register_state_dict_post_hook(_save_base_under_own_names)
+        self.register_load_state_dict_pre_hook(_load_base_from_own_names)
 
     @property
     def active_rank(self) -> int:
@@ -134,3 +148,63 @@ class ElasticLoRALinear(nn.Module):
             f"ranks={list(self.ranks)}, active_rank={self._active_rank}, alpha={self.alpha}, "
             f"group={self.group!r}, sparse_adapter={self.sparse_adapter}"
         )
+
+
+def _own_names(module: nn.Module) -> set[str]:
+    """First name components that belong to the adapter itself, not to its base layer:
+    its parameters and buffers (``lora_A``, ``lora_B``, any added later), its children
+    (``base_layer``, ``dropout``) and the active rank."""
+    return {*module._parameters, *module._buffers, *module._modules, ACTIVE_RANK_KEY}
+
+
+def _save_base_under_own_names(
+    module: ElasticLoRALinear, state_dict: dict[str, Any], prefix: str, local_metadata: dict
+) -> None:
+    """State-dict post-hook: ``<prefix>base_layer.weight`` -> ``<prefix>weight`` (and bias).
+
+    Torch saves a module's own tensors, then its children's, then runs this hook, so the
+    base layer's entries are already in ``state_dict``. The active rank is added as a 0-d
+    int64 tensor so that every checkpoint (``save_pretrained``, Trainer) records it.
+    """
+    own = _own_names(module)
+    for key in [k for k in state_dict if k.startswith(prefix + BASE)]:
+        name = key[len(prefix + BASE):]
+        if name.split(".", 1)[0] in own or prefix + name in state_dict:  # never clobber
+            raise ValueError(f"{key}: the base layer's {name!r} collides with the adapter's")
+        state_dict[prefix + name] = state_dict.pop(key)
+    state_dict[prefix + ACTIVE_RANK_KEY] = torch.tensor(module.active_rank, dtype=torch.int64,
+                                                        device="cpu")
+
+
+def _load_base_from_own_names(
+    module: ElasticLoRALinear,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load-state-dict pre-hook, the inverse of the post-hook; runs before the children load.
+
+    ``<prefix>weight`` -> ``<prefix>base_layer.weight``; the old layout (``base_layer.`` names,
+    no active rank) still loads. ``<prefix>lora_active_rank``, when present, sets the rank.
+    """
+    own = _own_names(module)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix):]
+        if name.split(".", 1)[0] in own:
+            continue
+        if prefix + BASE + name in state_dict:
+            error_msgs.append(f"both {key} and {prefix + BASE + name} are given; keep one")
+            continue
+        state_dict[prefix + BASE + name] = state_dict.pop(key)
+    rank = state_dict.pop(prefix + ACTIVE_RANK_KEY, None)
+    if rank is None:
+        return  # a checkpoint from before the active rank was saved: keep the current one
+    rank = int(rank)
+    if rank in module.ranks:
+        module.active_rank = rank
+    else:
+        error_msgs.append(f"{prefix + ACTIVE_RANK_KEY}: rank {rank} is not in {list(module.ranks)}")

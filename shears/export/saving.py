@@ -4,6 +4,9 @@
 (targets, ranks, alpha, dropout, groups, sparse_adapter) and the active configuration;
 ``super_adapter.safetensors`` holds ``<module>.lora_A`` (r_max, in) and ``<module>.lora_B``
 (out, r_max) in fp32. The base model is not saved: load onto the same (pruned) base.
+
+``load_adapter`` also reads the super-adapter out of a ``save_pretrained`` directory or a
+``Trainer`` checkpoint of a model carrying adapters (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shears.adapters import add_elastic_lora, elastic_modules, get_config, set_config
+from shears.adapters import (
+    adapter_layout,
+    add_elastic_lora,
+    elastic_modules,
+    get_config,
+    set_config,
+    validate_config,
+)
+from shears.adapters.metadata import FORMAT, FORMAT_VERSION
+
+from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
 
 CONFIG_NAME = "super_adapter_config.json"
 WEIGHTS_NAME = "super_adapter.safetensors"
-FORMAT_VERSION = 1
-
-
-def _shared(modules: list[tuple[str, Any]], attr: str) -> Any:
-    values = {getattr(m, attr) for _, m in modules}
-    if len(values) != 1:
-        raise ValueError(f"adapters disagree on {attr} ({values}); save_adapter supports "
-                         "adapters made by one add_elastic_lora call")
-    return values.pop()
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -41,18 +45,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     modules = list(elastic_modules(model))
     if not modules:
         raise ValueError("the model carries no elastic LoRA adapters; nothing to save")
-    meta = {
-        "format": "shears-super-adapter",
-        "version": FORMAT_VERSION,
-        "targets": [name for name, _ in modules],
-        "ranks": list(_shared(modules, "ranks")),
-        "alpha": _shared(modules, "alpha"),
-        "dropout": _shared(modules, "dropout_p"),
-        "sparse_adapter": _shared(modules, "sparse_adapter"),
-        "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
-        "config": get_config(model),
-        "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
-    }
+    meta = dict(adapter_layout(model), config=get_config(model))
     tensors = {}
     for name, m in modules:
         tensors[f"{name}.lora_A"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
@@ -70,7 +63,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; was it written by save_adapter?")
     meta = json.loads(path.read_text())
-    if meta.get("format") != "shears-super-adapter" or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a version-{FORMAT_VERSION} shears super-adapter")
     return meta
 
@@ -114,14 +107,10 @@ def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, tor
                              f"(out={out_f}, in={in_f})")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the saved super-adapter to ``model`` in place and activate the saved config.
-
-    ``model`` is the base the adapter was trained on (without adapters, or with adapters of
-    the same layout, whose weights are then overwritten). Shapes are checked strictly.
-    """
+def _read_saved_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The files of ``save_adapter``: layout and config (JSON), ``{<module>.lora_A/B: tensor}``."""
     meta = read_adapter_config(directory)
-    weights = Path(directory) / WEIGHTS_NAME
+    weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     tensors = load_file(str(weights))
@@ -129,7 +118,30 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if set(tensors) != expected:
         raise ValueError(f"{weights}: missing tensors {sorted(expected - set(tensors))[:4]}, "
                          f"unexpected {sorted(set(tensors) - expected)[:4]}")
+    return meta, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the saved super-adapter to ``model`` in place and activate the saved config.
+
+    ``directory`` was written by ``save_adapter``, or by ``save_pretrained`` (or a
+    ``Trainer`` checkpoint) of a model carrying adapters; when it holds both, the
+    ``save_adapter`` files are read. ``model`` is the base the adapter was trained on
+    (without adapters, e.g. ``AutoModelForCausalLM.from_pretrained(directory)``, or with
+    adapters of the same layout, whose weights are then overwritten). Shapes, tensors and
+    the configuration are checked strictly before the model changes.
+    """
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        meta, tensors = _read_saved_adapter(directory)
+    elif (directory / HF_CONFIG_NAME).is_file():
+        meta, tensors = read_checkpoint_adapter(directory)
+    else:
+        raise FileNotFoundError(f"no {CONFIG_NAME} (save_adapter) and no {HF_CONFIG_NAME} "
+                                f"(save_pretrained) in {directory}")
     _check_shapes(model, meta, tensors)  # everything is checked before the model changes
+    space = {g: sorted(meta["ranks"], reverse=True) for g in meta["groups"].values()}
+    validate_config(space, meta["config"])
     _attach(model, meta)
     for name, m in elastic_modules(model):
         with torch.no_grad():
