@@ -382,8 +382,12 @@ def profile_shears(args: argparse.Namespace, calib: torch.Tensor) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         run = timed_prune(model, calib, 1, args.device)
-    table = prof.key_averages().table(
-        sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
+    unit = "cuda" if cuda else "cpu"  # torch maps "cuda" to "device" in the sort keys
+    averages = prof.key_averages()
+    table = (f"by self {unit} time:\n"
+             + averages.table(sort_by=f"self_{unit}_time_total", row_limit=30)
+             + f"\nby total {unit} time (children included):\n"
+             + averages.table(sort_by=f"{unit}_time_total", row_limit=20))
     head = (f"{args.model}, {args.blocks or 'all'} blocks, calibration {tuple(calib.shape)}, "
             f"{args.device}: {run['seconds']:.2f} s under the profiler\n")
     Path(args.profile).write_text(head + table)
