@@ -118,7 +118,7 @@ def check_slicing(reshard: bool, base_dtype: torch.dtype, tol: float) -> bool:
         inactive_zero &= bool((tail == 0).all())
     base_frozen = all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
     ok = whole and sharded and inactive_zero and base_frozen and err <= tol and len(seen) > 0
-    name = f"slicing[reshard_after_forward={reshard}, base {str(base_dtype)[6:]}]"
+    name = f"slicing[reshard_after_forward={reshard},base={str(base_dtype)[6:]}]"
     return report(name, ok, f"lora_A whole in forward {whole} ({len(seen)} calls), DTensor "
                   f"Shard(0) between steps {sharded}, inactive slices zero grad {inactive_zero}, "
                   f"base grad None {base_frozen}, max |grad - single process| {err:.2e} "
