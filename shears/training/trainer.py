@@ -40,9 +40,9 @@ _NAMED = {"heuristic": heuristic_config, "maximal": maximal_config, "minimal": m
 
 
 def _warn_if_fsdp_dropped(trainer: Trainer) -> None:
-    """FSDP was asked for but is off: accelerate (1.15) enables it only in a multi-process
-    accelerator world (MULTI_GPU, MULTI_NPU, ...), not on CPU or in a single process, and
-    then silently replicates the model instead (DDP); see docs/training.md."""
+    """FSDP was asked for but is off: accelerate (1.15) enables it only in an accelerator
+    world (MULTI_GPU, MULTI_NPU, ...); with several CPU processes it silently replicates the
+    model instead (DDP). See docs/training.md."""
     if trainer.args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         warnings.warn(
             f"TrainingArguments.fsdp is set but accelerate runs "
