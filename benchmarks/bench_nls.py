@@ -1,18 +1,32 @@
-"""NLS super-adapter training against PEFT LoRA r=32 on SmolLM2-135M, in one run.
+"""NLS super-adapter training against PEFT LoRA r=32, in one run.
 
     flock /tmp/shears-bench.lock python benchmarks/bench_nls.py --data ../shared/data
+    python benchmarks/bench_nls.py --model random-1b --device cuda --batch 8 --seqlen 512 \
+        --steps 30 --warmup 5 --json nls_1b.json
 
-Both sides: targets Q, K, V, Up, Down; alpha 64; the same ``TrainingArguments`` (fp32,
-AdamW, lr 3e-4, batch x seqlen tokens per step, no checkpoints) and the same WikiText-2
-windows in the same order. ``nls``: ``NLSTrainer`` over ranks [32, 24, 16] (uniform
-sampler); ``peft``: ``Trainer`` over a PEFT ``LoraConfig(r=32, lora_alpha=64)`` model.
+Both sides: targets Q, K, V, Up, Down; alpha 64; the same ``TrainingArguments`` (AdamW,
+lr 3e-4, batch x seqlen tokens per step, no checkpoints, bf16 autocast over a bf16 base)
+and the same
+token windows in the same order. ``nls``: ``NLSTrainer`` over ranks [32, 24, 16] (uniform
+sampler); ``peft``: ``Trainer`` over a PEFT ``LoraConfig(r=32, lora_alpha=64)`` model;
+``nls_max``: ``NLSTrainer`` held at the maximal sub-adapter (PEFT's maths).
+
+Models: ``smollm2`` (SmolLM2-135M-Instruct on WikiText-2 windows, the default) or a random
+Llama of real shapes on random token ids (``random-tiny``, ``random-1b``, ``random-7b``; see
+``random_llama.py``), which needs no download and no ``datasets``. The base is bf16 on CUDA
+and fp32 on CPU unless ``--dtype`` says otherwise; adapters are fp32 on both sides.
 
 Each training runs in a fresh subprocess so that its peak memory is its own. Throughput:
 runs alternate (peft, nls, nls_max, peft, ...), the best of ``--repeats`` is kept per side,
-and the first (warm-up) step is not counted. Peak memory: one more short run per side,
-the process's peak resident set during ``train()`` (``VmHWM`` reset once the model is
+and the clock runs from the end of step ``--warmup`` to the end of the last step, with the
+device synchronised at those two points only (a host that stays ahead of the GPU is
+measured as such). ``logging_nan_inf_filter`` is off on every side: the Trainer's NaN check
+would otherwise synchronise host and device at every micro-batch. Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` during ``train()`` (after ``reset_peak_memory_stats``
+once the model is on the device), from the throughput runs; on CPU one more short run per
+side, the process's peak resident set during ``train()`` (``VmHWM`` reset once the model is
 loaded), with glibc told to return large blocks on free so that the figure follows live
-tensors rather than heap fragmentation; ``torch.cuda.max_memory_allocated`` on a GPU.
+tensors rather than heap fragmentation (``--memory-steps 0``: from the throughput runs).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from random_llama import PRESETS, random_ids, random_llama, resolve_dtype
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -34,15 +49,18 @@ SIDES = {"peft": "PEFT LoRA r=32 + Trainer", "nls": "NLSTrainer [32,24,16] unifo
 
 
 class StepTimer(TrainerCallback):
-    """Wall-clock time at the end of every optimizer step."""
+    """Wall-clock time at the end of optimizer step ``start`` and of the last step, each
+    taken once the device has finished; nothing synchronises in between."""
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.times: dict[int, float] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        if state.global_step in (self.start, state.max_steps):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times[state.global_step] = time.perf_counter()
 
 
 def _status(field: str) -> int:
@@ -65,28 +83,44 @@ def _peak(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _status("VmHWM")
 
 
-def windows(data: str, tok, n: int, seqlen: int) -> list[dict]:
+def windows(data: str, tok, n: int, seqlen: int) -> torch.Tensor:
     from shears.evaluation.perplexity import wikitext2_ids
 
-    ids = wikitext2_ids(tok, data)[: n * seqlen].view(n, seqlen)
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+    return wikitext2_ids(tok, data)[: n * seqlen].view(n, seqlen)
+
+
+def model_and_data(opts: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
+    """The base model (on ``opts.device``) and ``steps x batch`` training windows."""
+    n = opts.steps * opts.batch
+    dtype = resolve_dtype(opts.dtype, opts.device)
+    if opts.model in PRESETS:
+        model = random_llama(opts.model, opts.blocks, device=opts.device, dtype=dtype)
+        ids = random_ids(n, opts.seqlen, model.config.vocab_size)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        from smollm2 import load_smollm2  # the examples' model loader
+
+        model, tok = load_smollm2(dtype=dtype)
+        if opts.blocks is not None:
+            model.model.layers = model.model.layers[: opts.blocks]
+            model.config.num_hidden_layers = opts.blocks
+        ids = windows(opts.data, tok, n, opts.seqlen)
+    return model, [{"input_ids": x, "labels": x.clone()} for x in ids]
 
 
 def worker(opts: argparse.Namespace) -> dict:
-    """One training run of ``opts.worker`` ("nls" or "peft"); returns its figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from smollm2 import load_smollm2  # the examples' model loader
-
+    """One training run of ``opts.worker`` (a key of ``SIDES``); returns its figures."""
     torch.manual_seed(0)
-    model, tok = load_smollm2()
-    data = windows(opts.data, tok, opts.steps * opts.batch, opts.seqlen)
+    model, data = model_and_data(opts)
+    cuda = opts.device == "cuda"
     args = TrainingArguments(
         output_dir=opts.out, per_device_train_batch_size=opts.batch, max_steps=opts.steps,
         learning_rate=3e-4, weight_decay=0.0, lr_scheduler_type="constant", report_to="none",
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0,
-        use_cpu=opts.device == "cpu", dataloader_num_workers=0,
+        use_cpu=not cuda, bf16=resolve_dtype(opts.dtype, opts.device) == torch.bfloat16,
+        dataloader_num_workers=0, logging_nan_inf_filter=False,
     )
-    timer = StepTimer()
+    timer = StepTimer(opts.warmup)
     if opts.worker == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -107,13 +141,14 @@ def worker(opts: argparse.Namespace) -> dict:
     trainer.train()
     peak = _peak(opts.device)
     t = timer.times
-    tokens = (len(t) - 1) * opts.batch * opts.seqlen  # the first step is warm-up
+    tokens = (opts.steps - opts.warmup) * opts.batch * opts.seqlen  # warm-up steps not counted
     result = {
         "side": opts.worker,
-        "tokens_per_s": tokens / (t[-1] - t[0]),
+        "tokens_per_s": tokens / (t[opts.steps] - t[opts.warmup]),
         "peak_bytes": peak,
         "peak_above_start_bytes": peak - base,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
     }
     if opts.worker != "peft":
         ranks = [r for rec in trainer.nls_history.records for r in rec["config"].values()]
@@ -123,9 +158,14 @@ def worker(opts: argparse.Namespace) -> dict:
 
 def run_side(side: str, opts: argparse.Namespace, memory: bool = False) -> dict:
     steps = opts.memory_steps if memory else opts.steps
+    if opts.inline:  # the CI's smoke test: no interpreter start per side
+        return worker(argparse.Namespace(**{**vars(opts), "worker": side, "steps": steps}))
     cmd = [sys.executable, __file__, "--worker", side, "--data", opts.data, "--steps",
            str(steps), "--batch", str(opts.batch), "--seqlen", str(opts.seqlen),
-           "--device", opts.device, "--out", opts.out]
+           "--device", opts.device, "--out", opts.out, "--model", opts.model,
+           "--dtype", opts.dtype, "--warmup", str(min(opts.warmup, steps - 1))]
+    if opts.blocks is not None:
+        cmd += ["--blocks", str(opts.blocks)]
     env = dict(os.environ)
     if memory:
         # glibc otherwise keeps freed blocks mapped, so peak RSS depends on heap
@@ -141,19 +181,32 @@ def run_side(side: str, opts: argparse.Namespace, memory: bool = False) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="../shared/data")
-    p.add_argument("--steps", type=int, default=11, help="optimizer steps (first = warm-up)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *PRESETS])
+    p.add_argument("--blocks", type=int, default=None, help="keep the first N decoder blocks")
+    p.add_argument("--data", default="../shared/data", help="WikiText-2 folder (smollm2)")
+    p.add_argument("--steps", type=int, default=11, help="optimizer steps, warm-up included")
+    p.add_argument("--warmup", type=int, default=1, help="first steps not timed")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory runs")
+    p.add_argument("--memory-steps", type=int, default=3,
+                   help="steps of the CPU memory runs (0: peak RSS of the throughput runs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="base weights; auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--out", default="/tmp/shears-bench-nls")
+    p.add_argument("--json", default=None, help="also write every run and the ratios here")
+    p.add_argument("--inline", action="store_true",
+                   help="run every side in this process (quick; peak memory not per side)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.worker:
         print(json.dumps(worker(opts)))
         return
+    if not 0 < opts.warmup < opts.steps:
+        p.error("need 0 < --warmup < --steps: the clock starts at the end of step --warmup")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for i in range(opts.repeats):
         for side in SIDES:  # alternate, so that drifting load hits every side alike
@@ -161,12 +214,33 @@ def main() -> None:
             r = runs[side][-1]
             print(f"[{i}] {side}: {r['tokens_per_s']:.1f} tok/s, peak "
                   f"{r['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
-    mem = {side: run_side(side, opts, memory=True) for side in SIDES} if opts.device == "cpu" \
-        else {side: min(rs, key=lambda r: r["peak_bytes"]) for side, rs in runs.items()}
-    report(runs, mem, opts)
+    if opts.device == "cpu" and opts.memory_steps > 0:
+        mem = {side: run_side(side, opts, memory=True) for side in SIDES}
+    else:
+        mem = {side: min(rs, key=lambda r: r["peak_bytes"]) for side, rs in runs.items()}
+    summary = report(runs, mem, opts)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(summary, indent=2))
 
 
-def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Namespace) -> None:
+def environment(device: str) -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["torch_threads"] = torch.get_num_threads()
+    return env
+
+
+def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Namespace) -> dict:
     """A markdown table plus the ratios against the PEFT baseline of the same run."""
     best = {s: max(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
     peak = {s: m["peak_bytes"] for s, m in mem.items()}
@@ -180,9 +254,22 @@ def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Nam
         print(f"| {label} | {best[s]:.1f} | {all_tps} | {best[s] / best['peft']:.3f} | "
               f"{peak[s] / mib:.0f} | {peak[s] / peak['peft']:.3f} | {above[s] / mib:.0f} | "
               f"{runs[s][0]['trainable']:,} |")
-    print(f"\nNLS mean sampled rank {runs['nls'][0]['mean_rank']:.1f}; {opts.steps} steps "
-          f"(first = warm-up) of {opts.batch} x {opts.seqlen} tokens, device {opts.device}; "
-          f"peak memory from separate {opts.memory_steps}-step runs")
+    print(f"\n{opts.model} ({runs['peft'][0]['base_dtype']} base, {opts.blocks or 'all'} "
+          f"blocks); NLS mean sampled rank {runs['nls'][0]['mean_rank']:.1f}; {opts.steps} "
+          f"steps ({opts.warmup} warm-up) of {opts.batch} x {opts.seqlen} tokens, device "
+          f"{opts.device}; peak memory " + ("from separate "
+          f"{opts.memory_steps}-step runs" if opts.device == "cpu" and opts.memory_steps > 0
+          else "from the throughput runs"))
+    return {
+        "settings": {k: v for k, v in vars(opts).items() if k != "worker"},
+        "environment": environment(opts.device),
+        "runs": runs,
+        "memory_runs": mem,
+        "throughput_ratio": {s: best[s] / best["peft"] for s in SIDES},
+        "peak_ratio": {s: peak[s] / peak["peft"] for s in SIDES},
+        "peak_above_start_ratio": {s: above[s] / above["peft"] if above["peft"] else None
+                                   for s in SIDES},
+    }
 
 
 if __name__ == "__main__":

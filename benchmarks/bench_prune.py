@@ -1,17 +1,29 @@
-"""Wanda on SmolLM2-135M: shears against a reference-style implementation, same run.
+"""Wanda: shears against a reference-style implementation, same run, same weights.
 
     python benchmarks/bench_prune.py --data ../shared/data [--device cuda]
+    python benchmarks/bench_prune.py --model random-7b --device cuda --json prune_7b.json
 
-Protocol (issue #2): WikiText-2 test tokenized as one string; 32 calibration windows of 256
-tokens drawn (seed 0) from the second half; perplexity over the first 40 non-overlapping
-512-token windows of the first half; fp32 model. Each pruning run happens in a fresh
-subprocess so that its peak memory is its own; runs alternate and the fastest of
-``--repeats`` is kept for each implementation.
+SmolLM2-135M (the default), protocol of issue #2: WikiText-2 test tokenized as one string;
+32 calibration windows of 256 tokens drawn (seed 0) from the second half; perplexity over
+the first 40 non-overlapping 512-token windows of the first half; fp32 model. Each pruning
+run happens in a fresh subprocess so that its peak memory is its own; runs alternate and
+the fastest of ``--repeats`` is kept for each implementation.
+
+Random Llama models of real shapes (``random-tiny``, ``random-1b``, ``random-7b``; see
+``random_llama.py``) need no download and no ``datasets``: calibration is random token ids
+(default 128 x 2048), the base is bf16 on CUDA and fp32 on CPU, ``--blocks N`` keeps the
+first N blocks, and there is no perplexity (the weights mean nothing). Every run builds the
+same seeded model afresh in this process; on CUDA its peak memory is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` once the model is
+built, so runs in one process do not see each other's peaks (on CPU the in-process peak RSS
+is only indicative). ``--profile FILE`` instead profiles one shears run and writes the
+operator table, to see where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -20,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from random_llama import PRESETS, random_ids, random_llama, resolve_dtype
 from torch import nn
 
 from shears import wanda_prune
@@ -56,7 +69,8 @@ def reference_wanda(model, calib: torch.Tensor, sparsity: float) -> None:
     layers = model.model.layers  # architecture-specific, as in the reference
     n, seqlen = calib.shape
     device = next(model.parameters()).device
-    inps = torch.zeros((n, seqlen, model.config.hidden_size), device=device)
+    dtype = next(iter(model.parameters())).dtype  # as the reference's prepare_calibration_input
+    inps = torch.zeros((n, seqlen, model.config.hidden_size), dtype=dtype, device=device)
     cache = {"i": 0, "kwargs": None}
 
     class Catcher(nn.Module):
@@ -120,14 +134,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
-    """Prune once with ``impl`` and write time, peak memory and the masks."""
-    model, _ = load_smollm2()
-    model.to(device).config.use_cache = False
-    calib = torch.load(calib_path)
-    with torch.no_grad():  # fault in every weight page (the checkpoint is memory-mapped), so
-        for p in model.parameters():  # that the baseline below holds the whole model
-            p.sum()
+def timed_prune(model: nn.Module, calib: torch.Tensor, batch_size: int | None,
+                device: str) -> dict:
+    """Prune ``model`` at 50% (``batch_size`` None: the reference); seconds and peak bytes."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -137,19 +146,36 @@ def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
         _reset_peak()
         base = _kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    if IMPLS[impl] is None:
+    if batch_size is None:
         reference_wanda(model, calib, 0.5)
     else:
-        wanda_prune(model, calib, 0.5, batch_size=IMPLS[impl], progress=False)
+        wanda_prune(model, calib, 0.5, batch_size=batch_size, progress=False)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024
+    return {"seconds": seconds, "peak": peak, "base": base}
+
+
+def model_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Qualified name -> (out, in) bool mask of zeros (on CPU) of every block's linear map."""
     masks = {}
     for i, layer in enumerate(model.model.layers):
         for name, m in linear_modules(layer, f"model.layers.{i}").items():
             masks[name] = (m.weight == 0).cpu()
-    torch.save({"seconds": seconds, "peak": peak, "base": base, "masks": masks}, out_path)
+    return masks
+
+
+def worker(impl: str, calib_path: str, out_path: str, device: str) -> None:
+    """Prune SmolLM2 once with ``impl`` and write time, peak memory and the masks."""
+    model, _ = load_smollm2()
+    model.to(device).config.use_cache = False
+    calib = torch.load(calib_path)
+    with torch.no_grad():  # fault in every weight page (the checkpoint is memory-mapped), so
+        for p in model.parameters():  # that the baseline below holds the whole model
+            p.sum()
+    result = timed_prune(model, calib, IMPLS[impl], device)
+    torch.save({**result, "masks": model_masks(model)}, out_path)
 
 
 def run_worker(impl: str, calib_path: str, tmp: Path, device: str, k: int) -> dict:
@@ -163,6 +189,15 @@ def run_worker(impl: str, calib_path: str, tmp: Path, device: str, k: int) -> di
 def agreement(a: dict, b: dict) -> float:
     same = sum(int((a[n] == b[n]).sum()) for n in a)
     return same / sum(a[n].numel() for n in a)
+
+
+def block_agreement(a: dict, b: dict) -> list[float]:
+    """Mask agreement per decoder block (names ``model.layers.<i>.*``), in block order."""
+    blocks: dict[int, list[str]] = {}
+    for name in a:
+        blocks.setdefault(int(name.split(".")[2]), []).append(name)
+    return [agreement({n: a[n] for n in names}, {n: b[n] for n in names})
+            for _, names in sorted(blocks.items())]
 
 
 def masked_ppl(masks: dict, ppl_ids, device) -> float:
@@ -180,10 +215,25 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *PRESETS])
+    p.add_argument("--blocks", type=int, default=None, help="random models: first N blocks")
+    p.add_argument("--nsamples", type=int, default=128, help="random models: calibration rows")
+    p.add_argument("--seqlen", type=int, default=2048, help="random models: tokens per row")
+    p.add_argument("--batch-sizes", default="1,8", help="random models: shears batch sizes")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="random models; auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--profile", default=None,
+                   help="random models: profile one shears batch-1 run, write the table here")
     p.add_argument("--worker"), p.add_argument("--calib"), p.add_argument("--out")
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.calib, args.out, args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    if args.model in PRESETS:
+        return main_random(args)
+    if args.blocks is not None or args.profile:
+        p.error("--blocks and --profile are for the random models")
 
     _, tok = load_smollm2()
     ids = wikitext2_ids(tok, args.data)
@@ -234,20 +284,114 @@ def perplexities(best: dict, calib, ppl_ids, device) -> dict[str, float]:
     return results
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "n/a"
+
+
 def print_summary(summary: dict) -> None:
     impls = summary["implementations"]
     ref = impls["reference"]
-    print("\n| implementation | time (s) | time / ref | peak RSS (MiB) | peak / ref "
+    kind = "allocated" if summary["device"].startswith("cuda") else "RSS"
+    print(f"\n| implementation | time (s) | time / ref | peak {kind} (MiB) | peak / ref "
           "| peak above model (MiB) | above / ref | mask agreement |\n" + "|---" * 8 + "|")
     for impl, r in impls.items():
-        print(f"| {impl} | {r['time_s']:.1f} | {r['time_s'] / ref['time_s']:.3f} "
-              f"| {r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.3f} "
+        print(f"| {impl} | {r['time_s']:.2f} | {_ratio(r['time_s'], ref['time_s'])} "
+              f"| {r['peak_mib']:.0f} | {_ratio(r['peak_mib'], ref['peak_mib'])} "
               f"| {r['peak_above_model_mib']:.0f} "
-              f"| {r['peak_above_model_mib'] / ref['peak_above_model_mib']:.3f} "
+              f"| {_ratio(r['peak_above_model_mib'], ref['peak_above_model_mib'])} "
               f"| {r['mask_agreement']:.5%} |")
-    print("\n| model | WikiText-2 perplexity |\n|---|---|")
-    for name, value in summary["perplexity"].items():
-        print(f"| {name} | {value:.2f} |")
+    if "perplexity" in summary:
+        print("\n| model | WikiText-2 perplexity |\n|---|---|")
+        for name, value in summary["perplexity"].items():
+            print(f"| {name} | {value:.2f} |")
+
+
+# ---- random models of real shapes: everything in this process ------------------------------
+
+def fresh_model(args: argparse.Namespace) -> nn.Module:
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the previous run's blocks go back before the next model
+    return random_llama(args.model, args.blocks, device=args.device,
+                        dtype=resolve_dtype(args.dtype, args.device))
+
+
+def main_random(args: argparse.Namespace) -> None:
+    """Reference and shears on the same seeded random model and random calibration ids."""
+    calib = random_ids(args.nsamples, args.seqlen, PRESETS[args.model]["vocab_size"])
+    if args.profile:
+        return profile_shears(args, calib)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    impls = {"reference": None} | {
+        f"shears batch {b}" + (" (default)" if b == 1 else ""): b for b in sizes}
+    print(f"{args.model}, {args.blocks or 'all'} blocks, calibration {tuple(calib.shape)}, "
+          f"device {args.device}", flush=True)
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    ref_masks = None
+    for k in range(args.repeats):
+        for impl, batch_size in impls.items():  # alternate, as drifting load hits all alike
+            model = fresh_model(args)
+            run = timed_prune(model, calib, batch_size, args.device)
+            masks = model_masks(model)
+            del model
+            if ref_masks is None:  # the first reference run is the yardstick
+                ref_masks = masks
+            run["agreement"] = agreement(masks, ref_masks)
+            run["block_agreement"] = block_agreement(masks, ref_masks)
+            runs[impl].append(run)
+            print(f"  {impl} run {k}: {run['seconds']:.2f} s, peak "
+                  f"{run['peak'] / 2**20:.0f} MiB, masks {run['agreement']:.5%}", flush=True)
+    summary = random_summary(args, calib, runs)
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+def random_summary(args: argparse.Namespace, calib: torch.Tensor, runs: dict) -> dict:
+    import transformers
+
+    cuda = args.device.startswith("cuda")
+    summary = {
+        "model": args.model, "blocks": args.blocks or PRESETS[args.model]["num_hidden_layers"],
+        "device": args.device, "dtype": str(resolve_dtype(args.dtype, args.device)),
+        "calibration": list(calib.shape), "repeats": args.repeats,
+        "memory": "torch.cuda.max_memory_allocated" if cuda else "VmHWM, in-process",
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        **({"gpu": torch.cuda.get_device_name()} if cuda else
+                           {"torch_threads": torch.get_num_threads()})},
+        "implementations": {},
+    }
+    for impl, rs in runs.items():
+        best = min(rs, key=lambda r: r["seconds"])
+        summary["implementations"][impl] = {
+            "time_s": best["seconds"], "all_times_s": [r["seconds"] for r in rs],
+            "peak_mib": max(r["peak"] for r in rs) / 2**20,
+            "peak_above_model_mib": max(r["peak"] - r["base"] for r in rs) / 2**20,
+            "mask_agreement": best["agreement"], "block_agreement": best["block_agreement"],
+        }
+    return summary
+
+
+def profile_shears(args: argparse.Namespace, calib: torch.Tensor) -> None:
+    """One shears batch-1 run under torch.profiler (after one warm-up run on a fresh model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    wanda_prune(fresh_model(args), calib[:2], 0.5, progress=False)  # kernels, allocator warm
+    model = fresh_model(args)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run = timed_prune(model, calib, 1, args.device)
+    unit = "cuda" if cuda else "cpu"  # torch maps "cuda" to "device" in the sort keys
+    averages = prof.key_averages()
+    table = (f"by self {unit} time:\n"
+             + averages.table(sort_by=f"self_{unit}_time_total", row_limit=30)
+             + f"\nby total {unit} time (children included):\n"
+             + averages.table(sort_by=f"{unit}_time_total", row_limit=20))
+    head = (f"{args.model}, {args.blocks or 'all'} blocks, calibration {tuple(calib.shape)}, "
+            f"{args.device}: {run['seconds']:.2f} s under the profiler\n")
+    Path(args.profile).write_text(head + table)
+    print(head + table)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import Dataset
+
+if TYPE_CHECKING:  # imported where used, so that `import shears` works without `datasets`
+    from datasets import Dataset
 
 from shears.evaluation.prompts import format_prompt
 
@@ -59,6 +61,8 @@ def instruction_dataset(
     Columns ``input_ids``, ``attention_mask``, ``labels`` (unpadded lists); batch them with
     :class:`InstructionCollator`. ``train_on_inputs=False`` masks the prompt tokens (-100).
     """
+    from datasets import Dataset  # a runtime dependency, but absent from some GPU images
+
     rows = [tokenize_record(r, tokenizer, cutoff_len, train_on_inputs) for r in records]
     columns = ("input_ids", "attention_mask", "labels")
     return Dataset.from_dict({c: [row[c] for row in rows] for c in columns})

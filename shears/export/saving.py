@@ -18,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+try:  # FSDP2 shards parameters as DTensors; builds without torch.distributed lack them
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
 
 from shears.adapters import (
     adapter_layout,
@@ -37,10 +43,16 @@ CONFIG_NAME = "super_adapter_config.json"
 WEIGHTS_NAME = "super_adapter.safetensors"
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or the whole of an FSDP2 shard (a collective on every process)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the super-adapter of ``model`` (all ranks, plus the active config) to ``directory``.
 
-    Returns the directory. The base weights are not written.
+    Returns the directory. The base weights are not written. Under FSDP (adapters sharded
+    as DTensors) call it on every process: the shards are gathered, and process 0 writes.
     """
     modules = list(elastic_modules(model))
     if not modules:
@@ -48,9 +60,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     meta = dict(adapter_layout(model), config=get_config(model))
     tensors = {}
     for name, m in modules:
-        tensors[f"{name}.lora_A"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.lora_B"] = m.lora_B.detach().to("cpu", torch.float32).contiguous()
+        for key in ("lora_A", "lora_B"):
+            t = _whole(getattr(m, key).detach())
+            tensors[f"{name}.{key}"] = t.to("cpu", torch.float32).contiguous()
     out = Path(directory)
+    if isinstance(modules[0][1].lora_A, DTensor) and dist.get_rank() != 0:
+        return out  # this process took part in the gather; process 0 writes
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))

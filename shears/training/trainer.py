@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,18 @@ NLS_STATE_NAME = "nls_state.json"
 _NAMED = {"heuristic": heuristic_config, "maximal": maximal_config, "minimal": minimal_config}
 
 
+def _warn_if_fsdp_dropped(trainer: Trainer) -> None:
+    """FSDP was asked for but is off: accelerate (1.15) enables it only in an accelerator
+    world (MULTI_GPU, MULTI_NPU, ...); with several CPU processes it silently replicates the
+    model instead (DDP). See docs/training.md."""
+    if trainer.args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        warnings.warn(
+            f"TrainingArguments.fsdp is set but accelerate runs "
+            f"{trainer.accelerator.distributed_type}, not FSDP: the model is not sharded. "
+            "accelerate enables FSDP only with several processes on GPUs (or other "
+            "accelerators); on CPU see docs/training.md.", stacklevel=3)
+
+
 class NLSTrainer(Trainer):
     """``Trainer`` plus Neural Low-rank adapter Search over the model's elastic adapters.
 
@@ -62,6 +75,7 @@ class NLSTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        _warn_if_fsdp_dropped(self)
         self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
         self.nls_sampler = get_sampler(nls_sampler)
         self.nls_seed = self.args.seed if nls_seed is None else int(nls_seed)

@@ -1,0 +1,66 @@
+"""The benchmarks' download-free paths, on CPU with tiny shapes: what a GPU session will run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _env(tmp_path: Path) -> dict:
+    """No `datasets`, as on the GPU image: find_spec says None and importing it fails."""
+    block = tmp_path / "no_datasets"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text('import sys\n\nsys.modules["datasets"] = None\n')
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{block}", "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable, "SHEARS_GPU_CHECKS_SMOKE": "1"}
+
+
+def test_presets_have_the_published_parameter_counts():
+    sys.path.insert(0, str(BENCH))
+    from random_llama import random_llama
+
+    # Llama-2-7B: 6,738,415,616. TinyLlama-1.1B: 1,100,048,384 with 22 blocks of 44,044,288;
+    # the 1B preset keeps 16 of them.
+    counts = {n: sum(p.numel() for p in random_llama(n, device="meta").parameters())
+              for n in ("random-1b", "random-7b")}
+    assert counts == {"random-1b": 1_100_048_384 - 6 * 44_044_288, "random-7b": 6_738_415_616}
+
+
+def test_gpu_checks_script_runs_its_steps_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    cmd = ["bash", str(BENCH / "gpu_checks.sh"), str(out), "nls", "prune", "profile"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+    nls = json.loads((out / "nls.json").read_text())
+    assert set(nls["runs"]) == {"peft", "nls", "nls_max"}
+    for side, runs in nls["runs"].items():
+        assert runs[0]["tokens_per_s"] > 0 and runs[0]["base_dtype"] == "torch.bfloat16", side
+    # The same trainable parameters on both sides: PEFT r=32 and the r_max=32 super-adapter.
+    assert len({runs[0]["trainable"] for runs in nls["runs"].values()}) == 1
+    assert 16 <= nls["runs"]["nls"][0]["mean_rank"] <= 32
+    assert nls["runs"]["nls_max"][0]["mean_rank"] == 32
+
+    prune = json.loads((out / "prune.json").read_text())
+    impls = prune["implementations"]
+    assert set(impls) == {"reference", "shears batch 1 (default)", "shears batch 8"}
+    assert prune["dtype"] == "torch.bfloat16" and prune["blocks"] == 2
+    assert impls["shears batch 1 (default)"]["mask_agreement"] >= 0.99
+    assert "aten::" in (out / "prune_profile.txt").read_text()
+
+
+def test_bench_prune_batch_one_reproduces_the_reference_masks(tmp_path):
+    # fp32: the reference-style implementation and wanda_prune(batch_size=1) agree bit for bit.
+    out = tmp_path / "prune.json"
+    cmd = [sys.executable, str(BENCH / "bench_prune.py"), "--model", "random-tiny", "--device",
+           "cpu", "--nsamples", "8", "--seqlen", "32", "--repeats", "1", "--batch-sizes", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    impls = json.loads(out.read_text())["implementations"]
+    assert impls["shears batch 1 (default)"]["block_agreement"] == [1.0, 1.0]
+    assert all(r["time_s"] > 0 and r["peak_mib"] > 0 for r in impls.values())
