@@ -186,6 +186,31 @@ def test_state_dict_round_trip_deepcopy_and_old_names():
     assert torch.equal(logits(fresh), logits(model))
 
 
+def test_distributed_checkpoint_state_dict_api_resolves_the_renamed_keys():
+    """FSDP2 checkpoints go through torch.distributed.checkpoint's get/set_model_state_dict,
+    which resolve every key by getattr on the modules: the renamed base tensors and the
+    active rank must resolve to the tensors plain ``state_dict`` gives."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    model, _ = pruned("opt")
+    adapt(model, "opt")
+    set_config(model, random_config(model, 4))
+    state = model.state_dict()
+    dcp_state = get_model_state_dict(model)
+    assert set(dcp_state) == set(state)
+    for k, v in state.items():
+        assert torch.equal(dcp_state[k], v), k
+
+    other = adapt(make_tiny("opt", seed=2), "opt")
+    set_model_state_dict(other, dcp_state, options=StateDictOptions(strict=True))
+    assert get_config(other) == get_config(model)
+    assert torch.equal(logits(other), logits(model))
+
+
 def test_bad_state_dict_entries_are_refused():
     model = adapt(make_tiny("llama"), "llama")
     state = model.state_dict()

@@ -113,6 +113,23 @@ class ElasticLoRALinear(nn.Module):
             raise ValueError(f"rank {rank!r} is not in this adapter's ranks {list(self.ranks)}")
         self._active_rank = int(rank)
 
+    @property
+    def lora_active_rank(self) -> torch.Tensor:
+        """The active rank as the 0-d int64 tensor the state dict carries (see the hooks).
+
+        An attribute of that name lets code that resolves state-dict keys by ``getattr``
+        (``torch.distributed.checkpoint``'s ``get_model_state_dict``, used by FSDP2
+        checkpoints) find it."""
+        return torch.tensor(self._active_rank, dtype=torch.int64)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """``torch.distributed.checkpoint``'s hook for renamed state-dict keys: the base
+        layer's tensors appear as ``<module>.weight``/``.bias``, held by ``base_layer``."""
+        base = self.base_layer
+        names = [*base._parameters, *(b for b in base._buffers
+                                      if b not in base._non_persistent_buffers_set)]
+        return dict.fromkeys(names, "base_layer")
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer type (a view, no copy)."""
         w = self.base_layer.weight
@@ -172,8 +189,7 @@ def _save_base_under_own_names(
         if name.split(".", 1)[0] in own or prefix + name in state_dict:  # never clobber
             raise ValueError(f"{key}: the base layer's {name!r} collides with the adapter's")
         state_dict[prefix + name] = state_dict.pop(key)
-    state_dict[prefix + ACTIVE_RANK_KEY] = torch.tensor(module.active_rank, dtype=torch.int64,
-                                                        device="cpu")
+    state_dict[prefix + ACTIVE_RANK_KEY] = module.lora_active_rank
 
 
 def _load_base_from_own_names(
