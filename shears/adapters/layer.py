@@ -53,6 +53,10 @@ class ElasticLoRALinear(nn.Module):
             (set by ``add_elastic_lora``; ``None`` means the module is its own group).
     """
 
+    #: Instances constructed so far in this process. A cached ``ElasticIndex`` compares it
+    #: with the count at its walk, to notice adapters attached after it was built.
+    constructed = 0
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -87,6 +91,7 @@ class ElasticLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's default init
         self._active_rank = self.r_max
+        ElasticLoRALinear.constructed += 1
 
     @property
     def active_rank(self) -> int:
@@ -97,7 +102,9 @@ class ElasticLoRALinear(nn.Module):
     def active_rank(self, rank: int) -> None:
         if rank not in self.ranks:
             raise ValueError(f"rank {rank!r} is not in this adapter's ranks {list(self.ranks)}")
-        self._active_rank = int(rank)
+        # A plain int: object.__setattr__ skips nn.Module's parameter/buffer/module
+        # bookkeeping, which costs more than the rest of a configuration switch.
+        object.__setattr__(self, "_active_rank", int(rank))
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer type (a view, no copy)."""
