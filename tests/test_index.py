@@ -6,6 +6,7 @@ The reference in these tests is an independent walk of the module tree
 
 import copy
 import gc
+import pickle
 import re
 import weakref
 
@@ -134,6 +135,15 @@ def test_deepcopy_has_its_own_adapters(model):
     assert set(walked_ranks(clone).values()) == {4}
     assert get_config(model) == maximal_config(model)
     assert get_config(clone) == minimal_config(clone)
+
+
+def test_pickled_model_rebuilds_its_index(model):
+    set_config(model, minimal_config(model))
+    clone = pickle.loads(pickle.dumps(model))  # what torch.save(model) does
+    assert get_config(clone) == minimal_config(model)
+    set_config(clone, maximal_config(clone))
+    assert set(walked_ranks(clone).values()) == {16}
+    assert set(walked_ranks(model).values()) == {4}
 
 
 def test_index_does_not_keep_the_model_alive():

@@ -83,3 +83,25 @@ def test_history_read_during_training_is_complete(tmp_path):
     trainer.train()
     assert seen == [(s, s, list(range(s))) for s in range(1, 5)]
     assert all(r["loss"] > 0 for r in trainer.nls_history.records)
+
+
+def shares(records):
+    """Share of each rank among all group draws of ``records`` (written here, independently)."""
+    ranks = [r for rec in records for r in rec["config"].values()]
+    return {r: ranks.count(r) / len(ranks) for r in set(ranks)}
+
+
+def test_rank_frequencies_in_logs_cover_the_whole_history_across_resume(tmp_path):
+    kw = dict(max_steps=6, logging_steps=2, save_strategy="steps", save_steps=3, nls_seed=5)
+    full = trainer_for(tmp_path / "full", adapted(), dataset(48), **kw)
+    full.train()
+    resumed = trainer_for(tmp_path / "resumed", adapted(), dataset(48), **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for t in (full, resumed):  # the resumed log history starts with the checkpoint's
+        logs = [e for e in t.state.log_history if "nls_freq_r16" in e]
+        assert [e["step"] for e in logs] == [2, 4, 6]
+        for e in logs:
+            expected = shares(t.nls_history.records[: e["step"]])
+            got = {int(k.removeprefix("nls_freq_r")): v for k, v in e.items()
+                   if k.startswith("nls_freq_r")}
+            assert got == pytest.approx(expected), e["step"]

@@ -96,6 +96,10 @@ class ElasticIndex:
         self._edges = _edges(model, names)
         self._constructed = ElasticLoRALinear.constructed
 
+    def __reduce__(self) -> tuple:
+        """A pickle or deep copy of the model carries no index; it rebuilds on first use."""
+        return (_no_index, ())
+
     def is_current(self, model: nn.Module) -> bool:
         """Does the index still describe ``model``? About 0.1 us per module on the paths.
 
@@ -139,6 +143,10 @@ class ElasticIndex:
         return self.get()
 
 
+def _no_index() -> None:
+    return None
+
+
 def _edges(model: nn.Module, names: list[str]) -> list[tuple[nn.Module | None, str, nn.Module]]:
     """The distinct (parent, child name, child) links from ``model`` down to ``names``.
 
@@ -159,8 +167,8 @@ def _edges(model: nn.Module, names: list[str]) -> list[tuple[nn.Module | None, s
 def elastic_index(model: nn.Module) -> ElasticIndex:
     """The model's ``ElasticIndex``: cached on the model, rebuilt when no longer current.
 
-    The cache lives in the model's ``__dict__``, so it dies with the model and
-    ``copy.deepcopy(model)`` carries a consistent copy (whose links point to the copy).
+    The cache lives in the model's ``__dict__``, so it dies with the model; a pickle or
+    ``copy.deepcopy`` of the model carries none and builds its own on first use.
     Raises ``ValueError`` when the model carries no elastic adapters.
     """
     index = model.__dict__.get(_CACHE)

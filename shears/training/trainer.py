@@ -75,7 +75,6 @@ class NLSTrainer(Trainer):
         self._nls_config: Config = {}
         self._nls_pending: list[tuple[int, Config, torch.Tensor]] = []  # loss still on device
         self.nls_history = NLSHistory()
-        self._nls_logged = 0  # records already summarised in the logs
 
     @property
     def nls_history(self) -> NLSHistory:
@@ -94,8 +93,11 @@ class NLSTrainer(Trainer):
 
     @nls_history.setter
     def nls_history(self, history: NLSHistory) -> None:
+        """Replace the history (a resumed checkpoint's); its records count as already logged."""
         self._nls_history = history
         self._nls_pending.clear()
+        self._nls_logged = len(history.records)  # records already summarised in the logs
+        self._nls_rank_totals = _rank_totals(history.records)  # over those records
 
     def _resolve_eval_config(self, spec: str | Mapping[str, int]) -> Config:
         if isinstance(spec, str):
@@ -184,10 +186,9 @@ class NLSTrainer(Trainer):
             ranks = [r for rec in recent for r in rec["config"].values()]
             if ranks:
                 logs["nls_mean_rank"] = float(np.mean(ranks))
-            totals: dict[int, int] = {}
-            for counts in history.rank_counts().values():
-                for rank, n in counts.items():
-                    totals[rank] = totals.get(rank, 0) + n
+            totals = self._nls_rank_totals  # updated with the new records only, not recounted
+            for rank, n in _rank_totals(recent).items():
+                totals[rank] = totals.get(rank, 0) + n
             n_all = sum(totals.values())
             for rank in sorted(totals, reverse=True):
                 logs[f"nls_freq_r{rank}"] = totals[rank] / n_all
@@ -216,5 +217,13 @@ class NLSTrainer(Trainer):
             state = json.load(f)
         self.nls_rng.bit_generator.state = state["rng"]
         self.nls_history = NLSHistory.from_dict(state["history"])
-        self._nls_logged = len(self.nls_history)
         self._nls_step, self._nls_loss = None, None
+
+
+def _rank_totals(records: list[dict[str, Any]]) -> dict[int, int]:
+    """Rank -> how many group draws of ``records`` took it."""
+    totals: dict[int, int] = {}
+    for rec in records:
+        for rank in rec["config"].values():
+            totals[rank] = totals.get(rank, 0) + 1
+    return totals
