@@ -4,10 +4,7 @@ Imports nothing from training, search or export (data flows one way).
 """
 
 from .config import (
-    Config,
-    SearchSpace,
     adapter_parameters,
-    elastic_modules,
     get_config,
     heuristic_config,
     maximal_config,
@@ -15,6 +12,13 @@ from .config import (
     random_config,
     search_space,
     set_config,
+)
+from .index import (
+    Config,
+    ElasticIndex,
+    SearchSpace,
+    elastic_index,
+    elastic_modules,
     validate_config,
 )
 from .inject import add_elastic_lora, match_targets
@@ -23,6 +27,7 @@ from .metadata import METADATA_KEY, adapter_layout, clear_adapter_metadata
 
 __all__ = [
     "Config",
+    "ElasticIndex",
     "ElasticLoRALinear",
     "METADATA_KEY",
     "SearchSpace",
@@ -30,6 +35,7 @@ __all__ = [
     "adapter_parameters",
     "add_elastic_lora",
     "clear_adapter_metadata",
+    "elastic_index",
     "elastic_modules",
     "get_config",
     "heuristic_config",

@@ -63,6 +63,10 @@ class ElasticLoRALinear(nn.Module):
             (set by ``add_elastic_lora``; ``None`` means the module is its own group).
     """
 
+    #: Instances constructed so far in this process. A cached ``ElasticIndex`` compares it
+    #: with the count at its walk, to notice adapters attached after it was built.
+    constructed = 0
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -101,6 +105,7 @@ class ElasticLoRALinear(nn.Module):
         # copy's hooks act on the copy (torch passes the module in).
         self.register_state_dict_post_hook(_save_base_under_own_names)
         self.register_load_state_dict_pre_hook(_load_base_from_own_names)
+        ElasticLoRALinear.constructed += 1
 
     @property
     def active_rank(self) -> int:
@@ -111,7 +116,9 @@ class ElasticLoRALinear(nn.Module):
     def active_rank(self, rank: int) -> None:
         if rank not in self.ranks:
             raise ValueError(f"rank {rank!r} is not in this adapter's ranks {list(self.ranks)}")
-        self._active_rank = int(rank)
+        # A plain int: object.__setattr__ skips nn.Module's parameter/buffer/module
+        # bookkeeping, which costs more than the rest of a configuration switch.
+        object.__setattr__(self, "_active_rank", int(rank))
 
     @property
     def lora_active_rank(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
-from .config import elastic_modules
+from .index import elastic_modules
 
 METADATA_KEY = "shears_super_adapter"
 FORMAT = "shears-super-adapter"

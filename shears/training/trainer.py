@@ -23,6 +23,7 @@ from transformers import Trainer
 
 from shears.adapters import (
     Config,
+    elastic_index,
     get_config,
     heuristic_config,
     maximal_config,
@@ -64,6 +65,8 @@ class NLSTrainer(Trainer):
             ``"maximal"``, ``"minimal"`` or a complete config dict.
 
     After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step.
+    A step adds no host synchronisation: its loss stays on the device until the history is
+    read (by a log, a checkpoint or the user), then all pending losses move in one transfer.
     """
 
     def __init__(
@@ -81,11 +84,34 @@ class NLSTrainer(Trainer):
         self.nls_seed = self.args.seed if nls_seed is None else int(nls_seed)
         self.nls_rng = np.random.default_rng(self.nls_seed)
         self.eval_config = self._resolve_eval_config(eval_config)
-        self.nls_history = NLSHistory()
         self._nls_step: int | None = None  # optimizer step whose config is active
         self._nls_loss: torch.Tensor | None = None  # that step's loss, summed over micro-batches
         self._nls_config: Config = {}
-        self._nls_logged = 0  # records already summarised in the logs
+        self._nls_pending: list[tuple[int, Config, torch.Tensor]] = []  # loss still on device
+        self.nls_history = NLSHistory()
+
+    @property
+    def nls_history(self) -> NLSHistory:
+        """One record per finished optimizer step (see ``NLSHistory``).
+
+        Reading it completes the records whose loss is still on the device, all in one
+        transfer: the only host synchronisation NLS adds, and only when someone reads.
+        """
+        self._finish_nls_step()
+        if self._nls_pending:
+            losses = torch.stack([loss for _, _, loss in self._nls_pending]).tolist()
+            for (step, config, _), loss in zip(self._nls_pending, losses, strict=True):
+                self._nls_history.append(step, config, loss)
+            self._nls_pending.clear()
+        return self._nls_history
+
+    @nls_history.setter
+    def nls_history(self, history: NLSHistory) -> None:
+        """Replace the history (a resumed checkpoint's); its records count as already logged."""
+        self._nls_history = history
+        self._nls_pending.clear()
+        self._nls_logged = len(history.records)  # records already summarised in the logs
+        self._nls_rank_totals = _rank_totals(history.records)  # over those records
 
     def _resolve_eval_config(self, spec: str | Mapping[str, int]) -> Config:
         if isinstance(spec, str):
@@ -110,26 +136,27 @@ class NLSTrainer(Trainer):
 
         ``global_step`` only advances after the optimizer step, so every micro-batch of
         gradient accumulation (and any checkpoint recomputation inside backward) sees the
-        same configuration.
+        same configuration. The switch reuses the model's cached ``ElasticIndex`` (no walk
+        of the module tree) and nothing here waits for the device.
         """
         step = self.state.global_step
         if self._nls_step != step:
             self._finish_nls_step()
             config = self.nls_sampler(self.nls_space, self.nls_rng, step)
-            set_config(self.model, config)
-            self._nls_config = get_config(self.model)  # complete, even if the sampler's was not
+            # The complete active config, even if the sampler's was partial.
+            self._nls_config = elastic_index(self.model).set(config)
             self._nls_step, self._nls_loss = step, None
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._nls_loss = loss if self._nls_loss is None else self._nls_loss + loss
         return loss
 
     def _finish_nls_step(self) -> None:
-        """Record the finished step (config, loss) once; one ``.item()`` per optimizer step."""
+        """Queue the finished step (config, loss on the device) once; no host synchronisation."""
         if self._nls_loss is None or self._nls_step is None:
             return
         if self.state.global_step <= self._nls_step:
             return  # the step is still accumulating micro-batches
-        self.nls_history.append(self._nls_step, self._nls_config, self._nls_loss.item())
+        self._nls_pending.append((self._nls_step, self._nls_config, self._nls_loss))
         self._nls_loss = None
 
     def train(self, *args: Any, **kwargs: Any):
@@ -138,7 +165,7 @@ class NLSTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            self._finish_nls_step()
+            self._finish_nls_step()  # queued; completed when the history is read
 
     # ---- evaluation runs one fixed sub-adapter ---------------------------------------------
 
@@ -165,28 +192,27 @@ class NLSTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add NLS statistics to the training logs: mean active rank since the last log and
-        the share of all sampled group-ranks so far that took each rank value."""
-        self._finish_nls_step()
-        if "loss" in logs and self.nls_history.records:
-            recent = self.nls_history.records[self._nls_logged :]
+        the share of all sampled group-ranks so far that took each rank value. Reading the
+        history here costs nothing extra: ``Trainer`` has just read its loss from the device."""
+        history = self.nls_history if "loss" in logs else None
+        if history is not None and history.records:
+            recent = history.records[self._nls_logged :]
             ranks = [r for rec in recent for r in rec["config"].values()]
             if ranks:
                 logs["nls_mean_rank"] = float(np.mean(ranks))
-            totals: dict[int, int] = {}
-            for counts in self.nls_history.rank_counts().values():
-                for rank, n in counts.items():
-                    totals[rank] = totals.get(rank, 0) + n
+            totals = self._nls_rank_totals  # updated with the new records only, not recounted
+            for rank, n in _rank_totals(recent).items():
+                totals[rank] = totals.get(rank, 0) + n
             n_all = sum(totals.values())
             for rank in sorted(totals, reverse=True):
                 logs[f"nls_freq_r{rank}"] = totals[rank] / n_all
-            self._nls_logged = len(self.nls_history.records)
+            self._nls_logged = len(history.records)
         super().log(logs, start_time)
 
     # ---- the sampler's state travels with the checkpoint -----------------------------------
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        self._finish_nls_step()
         if self.args.should_save:  # identical on every process: one JSON file, no pickle
             state = {
                 "nls_seed": self.nls_seed,
@@ -205,5 +231,13 @@ class NLSTrainer(Trainer):
             state = json.load(f)
         self.nls_rng.bit_generator.state = state["rng"]
         self.nls_history = NLSHistory.from_dict(state["history"])
-        self._nls_logged = len(self.nls_history)
         self._nls_step, self._nls_loss = None, None
+
+
+def _rank_totals(records: list[dict[str, Any]]) -> dict[int, int]:
+    """Rank -> how many group draws of ``records`` took it."""
+    totals: dict[int, int] = {}
+    for rec in records:
+        for rank in rec["config"].values():
+            totals[rank] = totals.get(rank, 0) + 1
+    return totals
