@@ -4,9 +4,11 @@
 compresses an (out, in) weight with at most 2 non-zeros in every group of 4 consecutive
 inputs, and ``F.linear`` then runs on the sparse tensor cores (compute capability >= 8.0).
 It checks device, dtype and shape itself, but one map at a time and only while converting,
-and it does **not** check the 2:4 pattern (cuSPARSELt's compression silently keeps 2 of each
-4); so everything is checked here first, for every map, on any device
-(:func:`semi_structured_problems`), and nothing is converted unless all maps pass.
+and neither backend checks the 2:4 pattern (the CUTLASS conversion,
+``_semi_structured_conversions.py``, documents that it silently drops the excess
+non-zeros); so everything is checked here first, for every map, on any device
+(:func:`check_semi_structured`, :func:`semi_structured_problems`), and nothing is converted
+unless all maps pass.
 
 Kernel constraints, from ``_DTYPE_SHAPE_CONSTRAINTS`` (``sparse_min_rows``,
 ``sparse_min_cols``): the weight's rows (out) and columns (in) must each be at least, and a
