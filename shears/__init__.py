@@ -7,6 +7,9 @@
 3. Sub-adapter search: :func:`heuristic_config`, :func:`hill_climb`, :func:`nsga2_search`,
    judged by :mod:`shears.evaluation` (:func:`evaluate_generation`, :func:`evaluate_loss`,
    :func:`perplexity`; :func:`format_prompt`, :func:`load_task`, :func:`instruction_dataset`).
+4. The ways out (docs/deploy.md): :func:`export_peft` (a sub-adapter for stock PEFT),
+   :func:`merge_adapters` (merged into the sparse base, zeros kept), :func:`to_semi_structured`
+   (2:4 weights on CUDA).
 """
 
 from shears.adapters import (
@@ -31,7 +34,13 @@ from shears.evaluation import (
     load_task,
     perplexity,
 )
-from shears.export import load_adapter, save_adapter
+from shears.export import (
+    export_peft,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+    to_semi_structured,
+)
 from shears.pruning import calibration_data, wanda_prune
 from shears.pruning.report import SparsityReport, sparsity_report
 from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
@@ -51,6 +60,7 @@ __all__ = [
     "calibration_data",
     "evaluate_generation",
     "evaluate_loss",
+    "export_peft",
     "format_prompt",
     "instruction_dataset",
     "load_task",
@@ -61,6 +71,7 @@ __all__ = [
     "load_adapter",
     "make_evaluator",
     "maximal_config",
+    "merge_adapters",
     "minimal_config",
     "nsga2_search",
     "plot_search",
@@ -69,5 +80,6 @@ __all__ = [
     "search_space",
     "set_config",
     "sparsity_report",
+    "to_semi_structured",
     "wanda_prune",
 ]

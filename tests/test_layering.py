@@ -14,7 +14,7 @@ ALLOWED = {
     "pruning": set(),
     "training": {"adapters"},
     "search": {"adapters"},
-    "export": {"adapters"},
+    "export": {"adapters", "pruning"},
 }
 
 

@@ -13,6 +13,9 @@ from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
+# Attribute of the model holding {parameter name: requires_grad} as it was before the adapters
+# froze everything, so that a merge (shears.export.merge_adapters) can give it back.
+REQUIRES_GRAD_ATTR = "_shears_requires_grad"
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -91,6 +94,8 @@ def add_elastic_lora(
         ``model`` itself, with only the adapters' ``lora_A``/``lora_B`` requiring grad. Its
         ``config`` (if it is a transformers config) records the adapters' layout as
         ``shears_super_adapter``, so that ``save_pretrained`` writes it to ``config.json``.
+        The previous ``requires_grad`` of every parameter is kept on the model (attribute
+        ``REQUIRES_GRAD_ATTR``) for ``merge_adapters`` to restore.
     """
     if any(isinstance(m, ElasticLoRALinear) for m in model.modules()):
         raise ValueError("elastic LoRA adapters are already applied to this model")
@@ -107,6 +112,7 @@ def add_elastic_lora(
         if not isinstance(key, str):
             raise TypeError(f"group keys must be strings, got {key!r} for {name}")
         plan.append((name, base, key))
+    setattr(model, REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     for name, base, key in plan:
         parent_name, _, child = name.rpartition(".")

@@ -27,7 +27,8 @@ FORMAT = "shears-super-adapter"
 FORMAT_VERSION = 1
 
 
-def _shared(modules: list[tuple[str, Any]], attr: str) -> Any:
+def shared_attribute(modules: list[tuple[str, Any]], attr: str) -> Any:
+    """The one value of ``attr`` that every ``(name, adapter)`` of ``modules`` holds."""
     values = {getattr(m, attr) for _, m in modules}
     if len(values) != 1:
         raise ValueError(f"adapters disagree on {attr} ({values}); shears saves adapters made "
@@ -49,10 +50,10 @@ def adapter_layout(model: nn.Module) -> dict[str, Any]:
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "targets": [name for name, _ in modules],
-        "ranks": list(_shared(modules, "ranks")),
-        "alpha": _shared(modules, "alpha"),
-        "dropout": _shared(modules, "dropout_p"),
-        "sparse_adapter": _shared(modules, "sparse_adapter"),
+        "ranks": list(shared_attribute(modules, "ranks")),
+        "alpha": shared_attribute(modules, "alpha"),
+        "dropout": shared_attribute(modules, "dropout_p"),
+        "sparse_adapter": shared_attribute(modules, "sparse_adapter"),
         "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
         "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
     }

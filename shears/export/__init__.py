@@ -1,7 +1,37 @@
-"""Export stage: save and load super-adapters (imports adapters, never the reverse)."""
+"""Export stage: the ways out of shears (imports adapters and pruning, never the reverse).
+
+- :func:`save_adapter` / :func:`load_adapter`: the whole super-adapter, shears' own format.
+- :func:`export_peft`: one sub-adapter as a stock PEFT LoRA adapter.
+- :func:`merge_adapters`: one sub-adapter merged into the sparse base, zeros kept.
+- :func:`to_semi_structured`: 2:4-sparse weights as CUDA semi-structured tensors.
+"""
 
 from .checkpoint import read_checkpoint_adapter
+from .merge import merge_adapters
+from .peft_lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft
 from .saving import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from .semi_structured import (
+    check_semi_structured,
+    semi_structured_backend,
+    semi_structured_problems,
+    to_semi_structured,
+    two_four_violations,
+)
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "read_adapter_config",
-           "read_checkpoint_adapter", "save_adapter"]
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "check_semi_structured",
+    "export_peft",
+    "load_adapter",
+    "merge_adapters",
+    "read_adapter_config",
+    "read_checkpoint_adapter",
+    "save_adapter",
+    "semi_structured_backend",
+    "semi_structured_problems",
+    "to_semi_structured",
+    "two_four_violations",
+]

@@ -1,0 +1,180 @@
+"""merge_adapters: the sub-adapter merged into the sparse base, against hand computations."""
+
+import json
+import re
+import warnings
+
+import pytest
+import torch
+from export_models import logits, pruned_adapted, same_state, state
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from shears import merge_adapters, sparsity_report
+from shears.adapters import (
+    ElasticLoRALinear,
+    add_elastic_lora,
+    elastic_modules,
+    get_config,
+    random_config,
+    search_space,
+    set_config,
+)
+from shears.pruning.layers import weight_matrix
+
+
+def snapshot(model, config):
+    """Per adapted module, what a hand computation of the merge needs (copies)."""
+    out = {}
+    for name, m in elastic_modules(model):
+        r = config[m.group]
+        out[name] = dict(
+            w=weight_matrix(m.base_layer).clone(),
+            delta=(m.alpha / m.r_max) * (m.lora_B.detach()[:, :r] @ m.lora_A.detach()[:r]),
+        )
+    return out
+
+
+def no_warnings(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_sparse_adapters_merge_exactly_and_survive_save_pretrained(tmp_path, family):
+    _, model = pruned_adapted(family, sparse_adapter=True)
+    config = random_config(model, 2)
+    set_config(model, config)
+    expected = logits(model)
+    hand = snapshot(model, config)
+    set_config(model, {g: search_space(model)[g][0] for g in config})  # merge must set config
+
+    merged = no_warnings(merge_adapters, model, config)
+    assert merged is model
+    assert not any(isinstance(m, ElasticLoRALinear) for m in model.modules())
+    assert not any("lora_" in k or "base_layer" in k for k in model.state_dict())
+    for name, h in hand.items():
+        module = model.get_submodule(name)
+        assert type(module) is (Conv1D if family == "gpt2" else nn.Linear)
+        w = weight_matrix(module)
+        pruned = h["w"] == 0
+        assert torch.all(w[pruned] == 0)  # every zero of the base is kept
+        torch.testing.assert_close(w, h["w"] + h["delta"] * ~pruned, rtol=1e-6, atol=1e-6)
+    assert (logits(model) - expected).abs().max() <= 1e-4
+    assert all(p.requires_grad for p in model.parameters())  # as before add_elastic_lora
+
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(logits(reloaded.eval()), logits(model))
+    assert sparsity_report(reloaded).sparsity == 0.5
+    # The adapter layout left config.json with the adapters: the checkpoint is a plain model.
+    assert "shears_super_adapter" not in json.loads((tmp_path / "config.json").read_text())
+    assert not hasattr(model.config, "shears_super_adapter")
+
+
+def test_requires_grad_comes_back_as_it_was():
+    _, model = pruned_adapted("llama", sparse_adapter=True)
+    merge_adapters(model)  # the helper adapted a fresh model: everything was trainable
+    assert all(p.requires_grad for p in model.parameters())
+
+    model.model.embed_tokens.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    add_elastic_lora(model, ["q_proj", "up_proj"], ranks=[8, 4])
+    merge_adapters(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not hasattr(model, "_shears_requires_grad")
+
+
+def percent(text, label):
+    return float(re.search(rf"{label} (-?[\d.]+)%", text).group(1)) / 100
+
+
+def test_dense_adapters_keep_sparsity_warns_with_the_measured_change():
+    _, model = pruned_adapted("llama")
+    config = get_config(model)
+    hand = snapshot(model, config)
+    with pytest.warns(UserWarning, match=r"keep_sparsity=True") as caught:
+        merge_adapters(model, keep_sparsity=True, probe_tokens=32)
+    message = str(caught[0].message)
+
+    rel, share = {}, {}
+    for name, h in hand.items():  # independent: the probe rebuilt from the documented seed
+        x = torch.randn(32, h["w"].shape[1], generator=torch.Generator().manual_seed(0))
+        pruned = h["w"] == 0
+        lost = x @ (h["delta"] * pruned).T
+        rel[name] = float(lost.norm() / (x @ (h["w"] + h["delta"]).T).norm())
+        share[name] = float(lost.norm() / (x @ h["delta"].T).norm())
+        w = weight_matrix(model.get_submodule(name))
+        assert torch.all(w[pruned] == 0)
+        torch.testing.assert_close(w, h["w"] + h["delta"] * ~pruned, rtol=1e-6, atol=1e-6)
+    worst = max(rel, key=rel.get)
+    assert f"{len(rel)} of {len(rel)} adapters" in message
+    outputs, removed = message.split("share of the adapters' update removed")
+    assert percent(outputs, "mean") == pytest.approx(sum(rel.values()) / len(rel), abs=1e-6)
+    assert percent(outputs, "max") == pytest.approx(rel[worst], abs=1e-6)
+    assert f"({worst})" in outputs
+    assert percent(removed, "mean") == pytest.approx(sum(share.values()) / len(share), abs=1e-6)
+    assert percent(removed, "max") == pytest.approx(max(share.values()), abs=1e-6)
+    assert rel[worst] > 0.01 and 0.3 < min(share.values())  # the masked merge really differs
+
+
+def test_dense_merge_without_keep_sparsity_warns_with_the_sparsity():
+    _, model = pruned_adapted("llama")
+    expected = logits(model)
+    hand = snapshot(model, get_config(model))
+    with pytest.warns(UserWarning, match=r"keep_sparsity=False") as caught:
+        merge_adapters(model, keep_sparsity=False)
+    message = str(caught[0].message)
+    numel = sum(h["w"].numel() for h in hand.values())
+    zeros_before = sum(int((h["w"] == 0).sum()) for h in hand.values())
+    zeros_after = sum(int((weight_matrix(model.get_submodule(n)) == 0).sum()) for n in hand)
+    match = re.search(r"from ([\d.]+)% to ([\d.]+)% \((\d+) -> (\d+) zeros of (\d+)\)", message)
+    assert match, message
+    assert [int(g) for g in match.groups()[2:]] == [zeros_before, zeros_after, numel]
+    assert float(match.group(1)) / 100 == pytest.approx(zeros_before / numel, abs=1e-6)
+    assert float(match.group(2)) / 100 == pytest.approx(zeros_after / numel, abs=1e-6)
+    assert zeros_before / numel == 0.5 and zeros_after < zeros_before
+    assert (logits(model) - expected).abs().max() <= 1e-4  # a dense merge is exact
+
+
+def test_sparse_adapters_merged_densely_lose_nothing_and_do_not_warn():
+    _, model = pruned_adapted("llama", sparse_adapter=True)
+    no_warnings(merge_adapters, model, keep_sparsity=False)
+    assert sparsity_report(model).sparsity == 0.5
+
+
+def test_bf16_base():
+    _, model = pruned_adapted("llama", sparse_adapter=True, dtype=torch.bfloat16)
+    config = random_config(model, 4)
+    set_config(model, config)
+    expected = logits(model)
+    hand = snapshot(model, config)
+    no_warnings(merge_adapters, model)
+    for name, h in hand.items():
+        w = weight_matrix(model.get_submodule(name))
+        assert w.dtype == torch.bfloat16
+        pruned = h["w"] == 0
+        assert torch.all(w[pruned] == 0)
+        ref = (h["w"].float() + h["delta"] * ~pruned).to(torch.bfloat16)  # summed in fp32
+        assert torch.equal(w, ref)
+    assert sparsity_report(model).sparsity == 0.5
+    got = logits(model)
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # bf16 rounding
+
+
+def test_bad_configs_leave_the_model_bitwise_unchanged():
+    _, model = pruned_adapted("llama", sparse_adapter=True)
+    before, active = state(model), get_config(model)
+    group = next(iter(active))
+    with pytest.raises(KeyError, match="unknown adapter group 'no.such.group'"):
+        merge_adapters(model, {group: active[group], "no.such.group": 4})
+    with pytest.raises(ValueError, match=r"rank 5 of group .* is not in \[16, 8, 4\]"):
+        merge_adapters(model, {group: 5})
+    assert same_state(model, before) and get_config(model) == active
+    assert sum(isinstance(m, ElasticLoRALinear) for m in model.modules()) == 10
+    with pytest.raises(ValueError, match="no elastic"):
+        merge_adapters(nn.Sequential(nn.Linear(4, 4)))
