@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers import Trainer
 
 from shears.adapters import (
     Config,
+    elastic_modules,
     get_config,
     heuristic_config,
     maximal_config,
@@ -38,6 +40,26 @@ NLS_STATE_NAME = "nls_state.json"
 _NAMED = {"heuristic": heuristic_config, "maximal": maximal_config, "minimal": minimal_config}
 
 
+def _holds_compiled_module(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (an OptimizedModule) or ``module.compile()`` anywhere inside."""
+    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _use_rank_masks(model: nn.Module) -> None:
+    """Put every sliced adapter in mask mode (same maths, static shapes), and say so."""
+    sliced = [m for _, m in elastic_modules(model) if m.rank_mode != "mask"]
+    for m in sliced:
+        m.rank_mode = "mask"
+    if sliced:
+        warnings.warn(
+            f"torch.compile: {len(sliced)} elastic adapters switched to rank_mode='mask' "
+            "(static shapes: one graph for every configuration, at the cost of r_max work per "
+            "step); pass rank_mode='mask' to add_elastic_lora to make this explicit",
+            stacklevel=3,
+        )
+
+
 class NLSTrainer(Trainer):
     """``Trainer`` plus Neural Low-rank adapter Search over the model's elastic adapters.
 
@@ -49,6 +71,11 @@ class NLSTrainer(Trainer):
             Every process seeds it the same way, so all ranks train the same sub-adapter.
         eval_config: the sub-adapter used by ``evaluate``/``predict``: ``"heuristic"``,
             ``"maximal"``, ``"minimal"`` or a complete config dict.
+
+    Under ``torch.compile`` (``args.torch_compile`` or a model that is, or holds, a compiled
+    module) the adapters are switched to ``rank_mode="mask"`` with a warning: sliced ranks
+    change tensor shapes, so the compiled model would recompile at every configuration until
+    dynamo's recompile limit, then run eagerly (docs/training.md, "torch.compile").
 
     After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step.
     """
@@ -63,6 +90,8 @@ class NLSTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
+        if self.args.torch_compile or _holds_compiled_module(self.model):
+            _use_rank_masks(self.model)
         self.nls_sampler = get_sampler(nls_sampler)
         self.nls_seed = self.args.seed if nls_seed is None else int(nls_seed)
         self.nls_rng = np.random.default_rng(self.nls_seed)
