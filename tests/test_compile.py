@@ -8,12 +8,29 @@ seconds. Inductor figures are in benchmarks/bench_compile.py and docs/training.m
 import pytest
 import torch
 import torch._dynamo
-from test_nls import TARGETS, adapter_state, args, dataset
-from tiny import make_tiny
+from tiny import make_tiny, random_ids
 from torch._dynamo.utils import counters
+from transformers import TrainingArguments
 
 from shears.adapters import add_elastic_lora, elastic_modules
 from shears.training import NLSTrainer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def dataset(n, seqlen=16):
+    return [{"input_ids": x, "labels": x.clone()} for x in random_ids(n, seqlen)]
+
+
+def args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=6,
+                learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+                disable_tqdm=True, logging_steps=1000, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.fixture
@@ -28,7 +45,7 @@ def fresh_dynamo():
 def nls_run(tmp_path, rank_mode, steps, **kw):
     model = add_elastic_lora(make_tiny("llama"), TARGETS, ranks=[16, 8, 4], rank_mode=rank_mode)
     trainer = NLSTrainer(model=model, train_dataset=dataset(2 * steps),
-                         args=args(tmp_path, max_steps=steps, logging_steps=1000, **kw))
+                         args=args(tmp_path, max_steps=steps, **kw))
     trainer.train()
     return trainer
 
