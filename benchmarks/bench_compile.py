@@ -112,7 +112,7 @@ def worker(opts: argparse.Namespace) -> dict:
         learning_rate=1e-3, lr_scheduler_type="constant", report_to="none", use_cpu=True,
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0,
         dataloader_num_workers=0, torch_compile=compiled,
-        torch_compile_backend="inductor" if compiled else None,
+        torch_compile_backend=opts.backend if compiled else None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the switch-to-masks warning; undone just below
@@ -148,7 +148,8 @@ def worker(opts: argparse.Namespace) -> dict:
 
 def run_side(side: str, preset: str, opts: argparse.Namespace, out: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--preset", preset, "--steps",
-           str(opts.steps), "--threads", str(opts.threads), "--out", out]
+           str(opts.steps), "--threads", str(opts.threads), "--backend", opts.backend,
+           "--out", out]
     with tempfile.TemporaryDirectory() as cache:  # cold compiles: nothing cached before
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -169,7 +170,7 @@ def report(preset: str, runs: dict[str, list[dict]], opts: argparse.Namespace) -
     best_base = max(r["tokens_per_s"] for r in runs["eager_slice"])
     ref = load_file(base["weights"])
     print(f"\n{preset}: {opts.steps} NLS steps, {PRESETS[preset]}, {opts.threads} thread(s), "
-          f"best of {opts.repeats}")
+          f"backend {opts.backend}, best of {opts.repeats}")
     print("| side | recompiles | graphs | frames | limit hits | graph breaks | compiling steps |"
           " compile s | tokens/s (all runs) | vs eager_slice | max abs weight diff |"
           " relative weight diff | max loss diff |")
@@ -199,6 +200,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--repeats", type=int, default=2, help="runs per side, alternating")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend of the compiled sides (aot_eager: quick check)")
     p.add_argument("--side", action="append", choices=SIDES, help="default: all")
     p.add_argument("--out", default="/tmp/shears-bench-compile")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
