@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import ElasticLoRALinear, validate_ranks
+from .layer import RANK_MODES, ElasticLoRALinear, validate_ranks
 from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
@@ -71,6 +71,7 @@ def add_elastic_lora(
     dropout: float = 0.0,
     groups: GroupSpec = "module",
     sparse_adapter: bool = False,
+    rank_mode: str = "slice",
 ) -> nn.Module:
     """Attach elastic LoRA super-adapters in place and freeze everything else.
 
@@ -89,6 +90,9 @@ def add_elastic_lora(
 
         sparse_adapter: mask the update with the base weight's non-zeros (see
             ``ElasticLoRALinear``).
+        rank_mode: ``"slice"`` (prefix views; the default) or ``"mask"`` (static shapes, so
+            that ``torch.compile`` keeps one graph while the ranks change every step; see
+            ``ElasticLoRALinear`` and docs/training.md).
 
     Returns:
         ``model`` itself, with only the adapters' ``lora_A``/``lora_B`` requiring grad. Its
@@ -100,6 +104,8 @@ def add_elastic_lora(
     if any(isinstance(m, ElasticLoRALinear) for m in model.modules()):
         raise ValueError("elastic LoRA adapters are already applied to this model")
     ranks = validate_ranks(ranks)
+    if rank_mode not in RANK_MODES:
+        raise ValueError(f"rank_mode must be one of {list(RANK_MODES)}, got {rank_mode!r}")
     group_fn = group_function(groups)
     names = match_targets(model, target_modules)
     plan = []
@@ -117,7 +123,8 @@ def add_elastic_lora(
     for name, base, key in plan:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = ElasticLoRALinear(base, ranks, alpha, dropout, sparse_adapter, group=key)
+        layer = ElasticLoRALinear(base, ranks, alpha, dropout, sparse_adapter, group=key,
+                                  rank_mode=rank_mode)
         setattr(parent, child, layer)
     record_adapter_metadata(model)  # replaces a stale layout from a reloaded checkpoint
     return model

@@ -9,6 +9,14 @@ State-dict format: the base layer's tensors are saved under the module's own nam
 ``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.lora_active_rank`` (a 0-d int64).
 So ``save_pretrained`` of an adapted model writes a checkpoint whose base plain
 ``from_pretrained`` loads, and the adapter keys are the only ones it skips.
+
+How the rank acts (``rank_mode``): ``"slice"`` takes the views ``A[:r]``, ``B[:, :r]``, so
+smaller ranks do less work, but every rank is another tensor shape: ``torch.compile``
+guards on the rank of every adapter and recompiles whenever one changes. ``"mask"`` keeps
+the shapes static: ``A`` is multiplied by a (r_max,) 0/1 device mask whose first ``r``
+entries are on, and the mask is rewritten in place when the rank changes (no host sync,
+no new graph). Both compute the same function and give the same gradients; inactive rows
+of ``A`` and columns of ``B`` get exactly zero gradient in both.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 BASE = "base_layer."
 ACTIVE_RANK_KEY = "lora_active_rank"
+RANK_MODES = ("slice", "mask")
 
 
 def validate_ranks(ranks: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
@@ -61,6 +70,9 @@ class ElasticLoRALinear(nn.Module):
             as in SQFT) so that merging the adapter keeps the base's zeros exactly.
         group: the search-space group whose rank variable this adapter follows
             (set by ``add_elastic_lora``; ``None`` means the module is its own group).
+        rank_mode: ``"slice"`` (default; prefix views, least work per rank) or ``"mask"``
+            (static shapes for ``torch.compile``: the work of r_max at every rank, one
+            graph for all configurations). Settable later; the maths do not change.
     """
 
     #: Instances constructed so far in this process. A cached ``ElasticIndex`` compares it
@@ -75,6 +87,7 @@ class ElasticLoRALinear(nn.Module):
         dropout: float = 0.0,
         sparse_adapter: bool = False,
         group: str | None = None,
+        rank_mode: str = "slice",
     ) -> None:
         super().__init__()
         if isinstance(base_layer, ElasticLoRALinear):
@@ -101,6 +114,8 @@ class ElasticLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's default init
         self._active_rank = self.r_max
+        self._rank_mode = "slice"
+        self.rank_mode = rank_mode
         # Plain functions, not bound methods: copy.deepcopy and pickle carry them over, and the
         # copy's hooks act on the copy (torch passes the module in).
         self.register_state_dict_post_hook(_save_base_under_own_names)
@@ -119,6 +134,8 @@ class ElasticLoRALinear(nn.Module):
         # A plain int: object.__setattr__ skips nn.Module's parameter/buffer/module
         # bookkeeping, which costs more than the rest of a configuration switch.
         object.__setattr__(self, "_active_rank", int(rank))
+        if self._rank_mode == "mask":
+            self._write_rank_mask()
 
     @property
     def lora_active_rank(self) -> torch.Tensor:
@@ -136,6 +153,32 @@ class ElasticLoRALinear(nn.Module):
         names = [*base._parameters, *(b for b in base._buffers
                                       if b not in base._non_persistent_buffers_set)]
         return dict.fromkeys(names, "base_layer")
+
+
+    @property
+    def rank_mode(self) -> str:
+        """``"slice"`` or ``"mask"``: how the active rank acts in ``forward`` (module doc)."""
+        return self._rank_mode
+
+    @rank_mode.setter
+    def rank_mode(self, mode: str) -> None:
+        if mode not in RANK_MODES:
+            raise ValueError(f"rank_mode must be one of {list(RANK_MODES)}, got {mode!r}")
+        if mode == "mask" and "rank_mask" not in self._buffers:
+            # Non-persistent: state dicts and saved adapters are the same in both modes.
+            mask = torch.zeros(self.r_max, dtype=torch.bool, device=self.lora_A.device)
+            self.register_buffer("rank_mask", mask, persistent=False)
+        elif mode == "slice" and "rank_mask" in self._buffers:
+            del self.rank_mask
+        self._rank_mode = mode
+        if mode == "mask":
+            self._write_rank_mask()
+
+    def _write_rank_mask(self) -> None:
+        """rank_mask[:r] = True, the rest False: two in-place fills, no host sync."""
+        with torch.no_grad():
+            self.rank_mask.fill_(False)
+            self.rank_mask[: self._active_rank].fill_(True)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer type (a view, no copy)."""
@@ -155,8 +198,13 @@ class ElasticLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out) in the base layer's output dtype."""
         result = self.base_layer(x)
-        r = self._active_rank
-        a, b = self.lora_A[:r], self.lora_B[:, :r]  # views: no copy of the super-adapter
+        if self._rank_mode == "mask":
+            # Rows r.. of A become exact zeros, so their terms in B @ A vanish and both they
+            # and B's columns r.. get exactly zero gradient; every shape stays (r_max, ...).
+            a, b = self.lora_A * self.rank_mask[:, None], self.lora_B
+        else:
+            r = self._active_rank
+            a, b = self.lora_A[:r], self.lora_B[:, :r]  # views: no copy of the super-adapter
         x = self.dropout(x.to(a.dtype))
         if self.sparse_adapter:
             # The mask must act on the product B @ A, so the (out, in) update is materialised;
@@ -170,7 +218,8 @@ class ElasticLoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"ranks={list(self.ranks)}, active_rank={self._active_rank}, alpha={self.alpha}, "
-            f"group={self.group!r}, sparse_adapter={self.sparse_adapter}"
+            f"group={self.group!r}, sparse_adapter={self.sparse_adapter}, "
+            f"rank_mode={self._rank_mode!r}"
         )
 
 

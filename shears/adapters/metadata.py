@@ -40,8 +40,8 @@ def adapter_layout(model: nn.Module) -> dict[str, Any]:
     """What ``add_elastic_lora`` needs to rebuild the adapters of ``model`` (no weights).
 
     Keys: ``format``, ``version``, ``targets`` (qualified names, module order), ``ranks``,
-    ``alpha``, ``dropout``, ``sparse_adapter``, ``groups`` (module -> group key) and
-    ``shapes`` (module -> [out, in]); all JSON-serialisable.
+    ``alpha``, ``dropout``, ``sparse_adapter``, ``rank_mode``, ``groups`` (module -> group key)
+    and ``shapes`` (module -> [out, in]); all JSON-serialisable.
     """
     modules = list(elastic_modules(model))
     if not modules:
@@ -54,6 +54,7 @@ def adapter_layout(model: nn.Module) -> dict[str, Any]:
         "alpha": shared_attribute(modules, "alpha"),
         "dropout": shared_attribute(modules, "dropout_p"),
         "sparse_adapter": shared_attribute(modules, "sparse_adapter"),
+        "rank_mode": shared_attribute(modules, "rank_mode"),
         "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
         "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
     }

@@ -1,7 +1,8 @@
 """Save and load a trained super-adapter: one JSON file and one safetensors file, no pickle.
 
 ``super_adapter_config.json`` holds what ``add_elastic_lora`` needs to rebuild the adapters
-(targets, ranks, alpha, dropout, groups, sparse_adapter) and the active configuration;
+(targets, ranks, alpha, dropout, groups, sparse_adapter, rank_mode) and the active
+configuration (files written before ``rank_mode`` existed load in ``"slice"`` mode);
 ``super_adapter.safetensors`` holds ``<module>.lora_A`` (r_max, in) and ``<module>.lora_B``
 (out, r_max) in fp32. The base model is not saved: load onto the same (pruned) base.
 
@@ -90,7 +91,8 @@ def _attach(model: nn.Module, meta: dict[str, Any]) -> None:
         exact = "|".join(re.escape(t) for t in meta["targets"])
         add_elastic_lora(model, exact, ranks=meta["ranks"], alpha=meta["alpha"],
                          dropout=meta["dropout"], groups=meta["groups"].__getitem__,
-                         sparse_adapter=meta["sparse_adapter"])
+                         sparse_adapter=meta["sparse_adapter"],
+                         rank_mode=meta.get("rank_mode", "slice"))  # absent before rank_mode
         present = [name for name, _ in elastic_modules(model)]
     missing = sorted(set(meta["targets"]) - set(present))
     extra = sorted(set(present) - set(meta["targets"]))

@@ -24,6 +24,7 @@ from transformers import Trainer
 from shears.adapters import (
     Config,
     elastic_index,
+    elastic_modules,
     get_config,
     heuristic_config,
     maximal_config,
@@ -52,6 +53,26 @@ def _warn_if_fsdp_dropped(trainer: Trainer) -> None:
             "accelerators); on CPU see docs/training.md.", stacklevel=3)
 
 
+def _holds_compiled_module(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (an OptimizedModule) or ``module.compile()`` anywhere inside."""
+    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _use_rank_masks(model: nn.Module) -> None:
+    """Put every sliced adapter in mask mode (same maths, static shapes), and say so."""
+    sliced = [m for _, m in elastic_modules(model) if m.rank_mode != "mask"]
+    for m in sliced:
+        m.rank_mode = "mask"
+    if sliced:
+        warnings.warn(
+            f"torch.compile: {len(sliced)} elastic adapters switched to rank_mode='mask' "
+            "(static shapes: one graph for every configuration, at the cost of r_max work per "
+            "step); pass rank_mode='mask' to add_elastic_lora to make this explicit",
+            stacklevel=3,
+        )
+
+
 class NLSTrainer(Trainer):
     """``Trainer`` plus Neural Low-rank adapter Search over the model's elastic adapters.
 
@@ -63,6 +84,11 @@ class NLSTrainer(Trainer):
             Every process seeds it the same way, so all ranks train the same sub-adapter.
         eval_config: the sub-adapter used by ``evaluate``/``predict``: ``"heuristic"``,
             ``"maximal"``, ``"minimal"`` or a complete config dict.
+
+    Under ``torch.compile`` (``args.torch_compile`` or a model that is, or holds, a compiled
+    module) the adapters are switched to ``rank_mode="mask"`` with a warning: sliced ranks
+    change tensor shapes, so the compiled model would recompile at every configuration until
+    dynamo's recompile limit, then run eagerly (docs/training.md, "torch.compile").
 
     After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step.
     A step adds no host synchronisation: its loss stays on the device until the history is
@@ -80,6 +106,8 @@ class NLSTrainer(Trainer):
         super().__init__(*args, **kwargs)
         _warn_if_fsdp_dropped(self)
         self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
+        if self.args.torch_compile or _holds_compiled_module(self.model):
+            _use_rank_masks(self.model)
         self.nls_sampler = get_sampler(nls_sampler)
         self.nls_seed = self.args.seed if nls_seed is None else int(nls_seed)
         self.nls_rng = np.random.default_rng(self.nls_seed)
