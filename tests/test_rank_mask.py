@@ -93,6 +93,17 @@ def test_mask_is_a_non_persistent_device_buffer_rewritten_in_place():
     assert "rank_mode='mask'" in repr(masked)
 
 
+def test_mask_is_rewritten_after_to_empty():
+    """Meta-device initialisation (FSDP2, ``to_empty``) leaves buffers uninitialised; the
+    non-persistent mask is not in any state dict to load, so the layer rewrites it."""
+    _, masked = layer_pair("linear", False)
+    masked.active_rank = 8
+    with torch.no_grad():
+        masked.rank_mask.fill_(True)  # what garbage memory could hold
+    masked.to_empty(device="cpu")
+    assert masked.rank_mask.tolist() == [i < 8 for i in range(12)]
+
+
 def test_rank_mode_errors_change_nothing():
     with pytest.raises(ValueError, match="rank_mode"):
         ElasticLoRALinear(nn.Linear(16, 8), ranks=(4, 2), rank_mode="masked")

@@ -180,6 +180,15 @@ class ElasticLoRALinear(nn.Module):
             self.rank_mask.fill_(False)
             self.rank_mask[: self._active_rank].fill_(True)
 
+    def _apply(self, fn, recurse=True):
+        """After ``to``/``cuda``/``to_empty``: rewrite the mask, which no state dict restores
+        (``to_empty`` after meta-device initialisation leaves it uninitialised)."""
+        module = super()._apply(fn, recurse)
+        mask = self._buffers.get("rank_mask")
+        if mask is not None and not mask.is_meta:
+            self._write_rank_mask()
+        return module
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer type (a view, no copy)."""
         w = self.base_layer.weight
