@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import re
 import sys
@@ -273,6 +274,17 @@ def test_expected_signature_round_trips_every_kind():
     assert "*, pattern='unstructured'" in expected_signature("wanda_prune")
     assert "records=[]" in expected_signature("EvalResult")
     assert expected_signature("NLSTrainer").startswith("NLSTrainer(*args, nls_sampler=")
+
+
+def test_pipeline_figure_generator_runs(tmp_path):
+    """docs/make_pipeline_figure.py draws docs/pipeline.svg; it must keep working."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("fig", ROOT / "docs" / "make_pipeline_figure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    svg = module.draw(tmp_path / "pipeline.svg").read_text()
+    assert "wanda_prune" in svg and "NLSTrainer" in svg and "hill_climb" in svg  # text stays text
+    assert (ROOT / "docs" / "pipeline.svg").exists()
 
 
 # ---- links between the docs ---------------------------------------------------------------
