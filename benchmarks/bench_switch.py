@@ -20,7 +20,6 @@ draw the same configurations and leave the same ranks on every module.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +34,7 @@ from shears.adapters.layer import validate_ranks
 from shears.training import uniform_sampler
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-GROUPINGS = {"module": "module", "paper": lambda n: re.sub(r"[qkv]_proj$", "qkv_proj", n)}
+GROUPINGS = {"module": "module", "paper": "qkv"}
 
 
 # ---- the old path (shears/adapters/config.py at bf3d917, the functions a switch used) -----

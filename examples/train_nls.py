@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -27,11 +26,6 @@ from shears.evaluation import InstructionCollator, evaluate_loss, instruction_da
 from shears.training import NLSTrainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def paper_groups(name: str) -> str:
-    """Q, K and V of a block share one rank variable; Up and Down have their own."""
-    return re.sub(r"[qkv]_proj$", "qkv_proj", name)
 
 
 def main() -> None:
@@ -54,7 +48,7 @@ def main() -> None:
                              nsamples=16, seqlen=128)
     wanda_prune(model, calib, sparsity=0.5)
 
-    add_elastic_lora(model, TARGETS, ranks=(32, 24, 16), alpha=64.0, groups=paper_groups)
+    add_elastic_lora(model, TARGETS, ranks=(32, 24, 16), alpha=64.0, groups="qkv")
     train_ds = instruction_dataset(train, tok, cutoff_len=args.cutoff)
     eval_ds = instruction_dataset(held_out, tok, cutoff_len=args.cutoff)
     trainer = NLSTrainer(

@@ -24,7 +24,7 @@ def paper_groups(family: str):
     so the attention and MLP ``c_proj`` of a block share a rank (maps of different shapes)."""
     if family == "gpt2":
         return lambda name: re.sub(r"\.(attn|mlp)\.(c_\w+)$", r".\2", name)
-    return lambda name: re.sub(r"[qkv]_proj$", "qkv_proj", name)
+    return "qkv"
 
 
 def make_base(family: str, layers: int | None = None, dtype=torch.float32):

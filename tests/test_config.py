@@ -18,6 +18,7 @@ from shears.adapters import (
     search_space,
     set_config,
 )
+from shears.adapters.inject import group_function
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -46,6 +47,13 @@ def test_paper_grouping_and_layer_grouping():
         "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.up_proj",
         "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.qkv_proj",
         "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    named = add_elastic_lora(make_tiny("llama"), TARGETS, ranks=[16, 8], groups="qkv")
+    assert search_space(named) == search_space(m)  # the built-in name of the paper's grouping
+    fn = group_function("qkv")
+    assert fn("model.layers.3.self_attn.k_proj") == "model.layers.3.self_attn.qkv_proj"
+    assert fn("k_proj") == "qkv_proj"
+    assert fn("model.layers.3.attn.xq_proj") == "model.layers.3.attn.xq_proj"  # not a Q/K/V
+    assert fn("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.up_proj"
     m = add_elastic_lora(make_tiny("llama"), TARGETS, ranks=[16, 8], groups="layer")
     assert list(search_space(m)) == ["model.layers.0", "model.layers.1"]
     set_config(m, {"model.layers.1": 8})

@@ -4,7 +4,6 @@
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -27,18 +26,12 @@ from shears.adapters import (
 from shears.export import load_adapter, save_adapter
 from shears.pruning import wanda_prune
 
-
-def paper_groups(name):
-    """Q, K and V of a block share one rank (the paper's grouping, as in adapters.md)."""
-    return re.sub(r"[qkv]_proj$", "qkv_proj", name)
-
-
 # case -> (embedding tying of the tiny Qwen2, targets, groups)
 CASES = {
-    "llama": ({}, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], paper_groups),
+    "llama": ({}, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], "qkv"),
     "gpt2": ({}, ["c_attn", "c_proj", "c_fc"], "layer"),  # Conv1D, weight (in, out)
-    "opt": ({}, ["q_proj", "k_proj", "v_proj", "fc1", "fc2"], paper_groups),  # biases
-    "qwen2": ({"tie": False}, ["q_proj", "k_proj", "v_proj", "up_proj"], paper_groups),
+    "opt": ({}, ["q_proj", "k_proj", "v_proj", "fc1", "fc2"], "qkv"),  # biases
+    "qwen2": ({"tie": False}, ["q_proj", "k_proj", "v_proj", "up_proj"], "qkv"),
     "qwen2-tied": ({"tie": True}, ["q_proj", "k_proj", "v_proj", "down_proj"], "module"),
 }
 

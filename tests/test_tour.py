@@ -88,6 +88,10 @@ def test_tour_runs_on_a_tiny_model(tmp_path, monkeypatch):
         assert re.search(rf"{name} +sub-adapter: +held-out loss \d", text), name
     assert "hill-climb's best: True" in text
     assert "super_adapter.safetensors" in text
+    assert "plain from_pretrained: 0 missing" in text  # the pruned base, complete
+    diff = float(re.search(r"max \|logit difference\| (\S+)", text).group(1))
+    assert diff <= 1e-5, "stock PEFT must reproduce the exported sub-adapter"
+    assert "sparsity of the pruned maps 50.00%" in text  # merge_adapters kept every zero
     assert len(outputs(nb, "image/png")) == 1, "plot_search should draw one inline figure"
     noise = [o["text"][:200] for o in outputs(nb, "stream") if o["name"] == "stderr"
              and any(s in o["text"] for s in ("IProgress", "it/s", "%|"))]

@@ -12,6 +12,7 @@ from .layer import RANK_MODES, ElasticLoRALinear, validate_ranks
 from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
+_QKV = re.compile(r"(?<![^.])[qkv]_proj$")  # a whole last name component q/k/v_proj
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
 # Attribute of the model holding {parameter name: requires_grad} as it was before the adapters
 # froze everything, so that a merge (shears.export.merge_adapters) can give it back.
@@ -47,11 +48,16 @@ def match_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list
 
 
 def group_function(groups: GroupSpec) -> Callable[[str], str]:
-    """Turn ``"module"``, ``"layer"`` or a callable into a name -> group-key function."""
+    """Turn ``"module"``, ``"qkv"``, ``"layer"`` or a callable into a name -> group-key
+    function."""
     if callable(groups):
         return groups
     if groups == "module":
         return lambda name: name
+    if groups == "qkv":
+        # The paper's grouping: Q, K and V of a block share one rank ("...self_attn.qkv_proj");
+        # every other adapter (Up, Gate, Down, O, ...) is its own group.
+        return lambda name: _QKV.sub("qkv_proj", name)
     if groups == "layer":
         # Every adapter inside one decoder block (the first numbered path component) shares
         # one rank variable; a module outside any block is its own group.
@@ -60,7 +66,7 @@ def group_function(groups: GroupSpec) -> Callable[[str], str]:
             return m.group(1) if m else name
 
         return by_block
-    raise ValueError(f"groups must be 'module', 'layer' or a callable, got {groups!r}")
+    raise ValueError(f"groups must be 'module', 'qkv', 'layer' or a callable, got {groups!r}")
 
 
 def add_elastic_lora(
@@ -83,11 +89,9 @@ def add_elastic_lora(
         alpha: LoRA alpha; scaling ``alpha / max(ranks)`` for every active rank.
         dropout: dropout on the adapter input.
         groups: which adapters share one rank variable: ``"module"`` (each its own),
-            ``"layer"`` (one per decoder block) or a callable qualified-name -> group key.
-            The paper's grouping (Q, K, V together; Up; Down; per block) is one line::
-
-                groups=lambda name: re.sub(r"[qkv]_proj$", "qkv_proj", name)
-
+            ``"qkv"`` (the paper's grouping: ``q_proj``, ``k_proj`` and ``v_proj`` of a
+            block share one rank, every other adapter is its own group), ``"layer"`` (one
+            per decoder block) or a callable qualified-name -> group key.
         sparse_adapter: mask the update with the base weight's non-zeros (see
             ``ElasticLoRALinear``).
         rank_mode: ``"slice"`` (prefix views; the default) or ``"mask"`` (static shapes, so
