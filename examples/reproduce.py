@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on a GPU that has it, else float32")
     p.add_argument("--seed", type=int, default=0, help="every seed of the run")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's "
+                   "default); 1 can be faster on cores shared with other jobs")
     g = p.add_argument_group("pruning (Wanda)")
     g.add_argument("--sparsity", type=float, default=0.5)
     g.add_argument("--pattern", default="unstructured", help='"unstructured" or N:M, e.g. "2:4"')
@@ -174,7 +176,7 @@ class Ledger:
 
 def check_settings(out: Path, args: argparse.Namespace) -> None:
     """Refuse to resume from a folder whose finished pieces came from other settings."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads")}
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     old = read_json(out / "settings.json")
     if old is not None and old != settings:
@@ -599,6 +601,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or REPO / "outputs" / f"reproduce-{args.task}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ledger = Ledger(out)
     device, dtype = pick_device(args)
     data = find_data(args.data)
