@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import reproduce
 import torch
 
-import reproduce
 import shears
 from shears.evaluation import evaluate_loss
 
@@ -34,8 +34,9 @@ def _problem(i: int, right: bool = True, style: str = "") -> dict:
 
 
 def _letter(i: int, right: bool) -> dict:
+    said = "B" if right else "C"
     return {"instruction": f"Pick the even number ({i}). Answer Choices: (A) 3 (B) {2 * i} (C) 5",
-            "input": "", "output": f"\nRationale: it is even. The answer is ({'B' if right else 'C'}).",
+            "input": "", "output": f"\nRationale: it is even. The answer is ({said}).",
             "answer": "B"}
 
 
@@ -159,3 +160,23 @@ def test_command_line_smoke_on_shared_commonsense_data(tmp_path):
     assert "winogrande" in saved["rows"][0]["tests"]
     for name in ROWS:
         assert f"| {name} |" in done.stdout
+
+
+def test_pattern_flag_prunes_n_of_every_m(tmp_path):
+    write_data(tmp_path / "data")
+    args = reproduce.parse_args(["--smoke", "--pattern", "2:4", "--data", str(tmp_path / "data")])
+    _, kept, _ = reproduce.load_training("math", tmp_path / "data")
+    model, tok = reproduce.load_model(args, torch.device("cpu"), torch.float32)
+    summary = reproduce.prune(model, tok, args, tmp_path / "data", kept, tmp_path)
+    assert summary["sparsity"] == 0.5
+    w = model.model.layers[0].mlp.down_proj.weight  # (64, 128): blocks of 4 input columns
+    assert ((w.reshape(64, 32, 4) == 0).sum(-1) >= 2).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_smoke_on_cuda(tmp_path):
+    write_data(tmp_path / "data")
+    results = reproduce.main(["--smoke", "--device", "cuda", "--data", str(tmp_path / "data"),
+                              "--out", str(tmp_path / "out")])
+    assert results["device"].startswith("cuda")
+    assert [r["row"] for r in results["rows"]][: len(ROWS)] == ROWS
