@@ -24,7 +24,13 @@ slice held out of the training records, never on a test set.
 Writes to --out: results.json (everything: arguments, versions, seeds, record counts, wall
 and process CPU time per phase, every row), results.md (the tables), search.png, and the
 pieces a rerun reuses: the same command on the same --out skips every finished evaluation,
-trained adapter and search evaluation. See docs/results.md for a measured CPU run.
+trained adapter and search evaluation.
+
+On 2 CPU cores, docs/results.md's budget takes about 70 minutes per task (SmolLM2-135M):
+
+    python examples/reproduce.py --task math --data ../shared/data --out outputs/math \
+      --records 640 --epochs 1 --val-records 32 --eval-records 20 --max-new-tokens 128 \
+      --budget 16 --population 8 --front-eval 2 --nsamples 32 --calib-seqlen 256 --threads 1
 """
 
 from __future__ import annotations
@@ -579,15 +585,22 @@ def markdown(rows: list[dict], comparisons: list[dict], tasks: list[str]) -> str
                       "The paper's claims (LLaMA-7B, 50% sparsity, math).", "", *claims, ""])
 
 
-def versions() -> dict:
+def git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        return None
+
+
+def versions() -> dict:
+    """Library versions and the repository's commit (``dirty``: tracked files changed)."""
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "shears": shears.__version__,
-            "shears_commit": commit, "numpy": np.__version__, "platform": platform.platform(),
+            "shears_commit": git("rev-parse", "HEAD"),
+            "shears_dirty": None if status is None else bool(status),
+            "numpy": np.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -603,6 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_settings(out, args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    environment = versions()  # at the start: the code that runs, not what HEAD is at the end
     ledger = Ledger(out)
     device, dtype = pick_device(args)
     data = find_data(args.data)
@@ -663,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.md").write_text(table)
     results = {
         "args": {k: v for k, v in vars(args).items()}, "device": str(device), "dtype": str(dtype),
-        "versions": versions(),
+        "versions": environment,
         "seeds": {"data split and subsamples": args.seed, "calibration windows": args.seed,
                   "adapter initialisation": args.seed, "Trainer (order, dropout)": args.seed,
                   "NLS sampler": args.seed, "searches": args.seed},
