@@ -1,4 +1,5 @@
-"""Judges of a model: perplexity, generation accuracy (LLM-Adapters protocol) and loss."""
+"""Judges of a model: perplexity, generation accuracy (LLM-Adapters protocol) and loss,
+and the binomial statistics that say how sure an accuracy is."""
 
 from shears.evaluation.answers import extract_answer, is_correct
 from shears.evaluation.data import InstructionCollator, instruction_dataset, tokenize_record
@@ -11,6 +12,7 @@ from shears.evaluation.generation import (
 from shears.evaluation.loss import evaluate_loss
 from shears.evaluation.perplexity import perplexity
 from shears.evaluation.prompts import format_prompt
+from shears.evaluation.stats import mcnemar_exact, wilson_interval
 from shears.evaluation.tasks import (
     COMMONSENSE_TASKS,
     MATH_TASKS,
@@ -36,9 +38,11 @@ __all__ = [
     "is_correct",
     "load_task",
     "MATH_TASKS",
+    "mcnemar_exact",
     "perplexity",
     "task_kind",
     "task_name",
     "TASKS",
     "tokenize_record",
+    "wilson_interval",
 ]
