@@ -14,10 +14,10 @@
    with the same logits; then ``merge_adapters(keep_sparsity=True)`` folds it into the
    sparse base (every zero kept) and the merged model's sparsity report is printed.
 
-The defaults finish in about eight minutes on a 2-core CPU and only show the pipeline working
-(a 135M model after 24 optimizer steps solves few GSM8K problems); on a GPU, pass the paper's
-settings: --train-records 0 --steps 0 --epochs 3 --batch-size 16 --budget 50 --eval-records 0
---max-new-tokens 256.
+The defaults finish in about 4.5 minutes on an idle 2-core CPU and only show the pipeline
+working (a 135M model after 24 optimizer steps solves few GSM8K problems); on a GPU, pass
+the paper's settings: --train-records 0 --steps 0 --epochs 3 --batch-size 16 --budget 50
+--eval-records 0 --max-new-tokens 256.
 """
 
 from __future__ import annotations
