@@ -7,10 +7,9 @@ import re
 
 import torch
 import transformers as T
-from tiny import _GQA, VOCAB, make_tiny, random_ids
+from tiny import _GQA, VOCAB, make_tiny, random_ids, randomize_adapters
 
 from shears import add_elastic_lora, wanda_prune
-from shears.adapters import elastic_modules
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
@@ -47,11 +46,7 @@ def pruned_adapted(family: str = "llama", *, layers: int | None = None, ranks=(1
     base = copy.deepcopy(model)
     add_elastic_lora(model, TARGETS[family], ranks=ranks, alpha=alpha,
                      groups=paper_groups(family), sparse_adapter=sparse_adapter)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in elastic_modules(model):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    randomize_adapters(model, seed=seed, a_scale=0.2, b_scale=0.2)
     return base, model
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import make_tiny, random_ids
+from tiny import make_tiny, random_ids, randomize_adapters
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -19,15 +19,6 @@ from shears.adapters import (
 )
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def randomise_adapters(model, seed=0):
-    """lora_B starts at zero; give it values so that the update is visible."""
-    g = torch.Generator().manual_seed(seed)
-    for _, m in elastic_modules(model):
-        with torch.no_grad():
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -97,7 +88,7 @@ def test_matches_peft_at_r_max(family):
     targets = TARGETS if family == "llama" else ["c_attn", "c_fc", "c_proj"]
     ref = make_tiny(family)
     ours = add_elastic_lora(copy.deepcopy(ref), targets, ranks=[16, 8, 4], alpha=32)
-    randomise_adapters(ours)
+    randomize_adapters(ours, a_scale=0.1)
     peft = get_peft_model(ref, LoraConfig(r=16, lora_alpha=32, target_modules=targets,
                                           fan_in_fan_out=family == "gpt2"))
     n = 0
@@ -144,7 +135,7 @@ def test_regex_targets_and_errors():
 
 def test_set_config_changes_logits_and_rank_slices_share_weights():
     model = add_elastic_lora(make_tiny("llama"), TARGETS, ranks=[16, 8, 4])
-    randomise_adapters(model)
+    randomize_adapters(model, a_scale=0.1)
     ids = random_ids(1, 8)
     with torch.no_grad():
         full = model(ids).logits
@@ -167,7 +158,7 @@ def test_smollm2_matches_peft_at_r_max_and_heuristic_slice():
 
     ref, _ = load_smollm2()
     ours = add_elastic_lora(copy.deepcopy(ref), TARGETS, ranks=[32, 24, 16], alpha=64)
-    randomise_adapters(ours)
+    randomize_adapters(ours, a_scale=0.1)
     peft = get_peft_model(ref, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
     for name, m in elastic_modules(ours):
         p = peft.base_model.model.get_submodule(name)

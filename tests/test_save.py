@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import make_tiny, random_ids
+from tiny import make_tiny, random_ids, randomize_adapters
 
 from shears.adapters import (
     add_elastic_lora,
@@ -24,12 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 def trained_like(family="llama", **kw):
     """An adapted tiny model whose adapters hold random values (as after training)."""
     model = add_elastic_lora(make_tiny(family), kw.pop("targets", TARGETS), **kw)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, m in elastic_modules(model):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-    return model
+    return randomize_adapters(model, seed=1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

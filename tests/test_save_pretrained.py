@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import CONFIGS, VOCAB, make_tiny, random_ids
+from tiny import CONFIGS, VOCAB, make_tiny, random_ids, randomize_adapters
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import load_sharded_checkpoint
 
@@ -57,12 +57,7 @@ def adapt(model, case, sparse_adapter=False):
     _, targets, groups = CASES[case]
     add_elastic_lora(model, targets, ranks=[8, 4, 2], alpha=16.0, groups=groups,
                      sparse_adapter=sparse_adapter)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, m in elastic_modules(model):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-    return model
+    return randomize_adapters(model, seed=7)
 
 
 def logits(model, config=None):

@@ -36,3 +36,19 @@ def make_tiny(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.f
 def random_ids(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.LongTensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+def randomize_adapters(model, seed: int = 0, a_scale: float | None = 1.0,
+                       b_scale: float = 0.1):
+    """Give every elastic adapter random A (scaled, or left alone if ``a_scale`` is None) and
+    B, as after training: B starts at zero, so an untrained adapter would test nothing.
+    Draws A then B module by module from one seeded generator."""
+    from shears.adapters import elastic_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in elastic_modules(model):
+            if a_scale is not None:
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * a_scale)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * b_scale)
+    return model
