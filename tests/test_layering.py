@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1] / "shears"
 # room -> rooms of shears it may import (besides itself)
 ALLOWED = {
     "evaluation": set(),
-    "adapters": set(),
     "pruning": set(),
+    "quantization": {"pruning"},
+    "adapters": {"quantization"},
     "training": {"adapters"},
     "search": {"adapters"},
-    "export": {"adapters", "pruning"},
+    "export": {"adapters", "pruning", "quantization"},
 }
 
 
