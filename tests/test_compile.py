@@ -62,8 +62,11 @@ def test_compiled_nls_keeps_one_graph_and_matches_eager(tmp_path, fresh_dynamo):
     assert fresh_dynamo["stats"]["unique_graphs"] == 1
     assert fresh_dynamo["frames"]["total"] == 1 and not fresh_dynamo["graph_break"]
     a, b = adapter_state(eager.model), adapter_state(compiled.model)
+    # The compiled graph sums in another order; Adam (lr 1e-2) turns those fp32 rounding
+    # differences into update differences: up to 1.8e-5 after 30 steps with transformers 5.24
+    # (1e-5 held with earlier versions). A wrong rank or mask moves entries by ~lr = 1e-2.
     for n in a:
-        torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-5, msg=n)
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-4, msg=n)
     losses = [(r["loss"], s["loss"]) for r, s in zip(eager.nls_history.records,
                                                      compiled.nls_history.records, strict=True)]
     assert all(abs(x - y) <= 1e-4 for x, y in losses)
