@@ -162,3 +162,21 @@ def test_layer_refuses_bad_ranks_before_freezing_the_base():
         with pytest.raises(ValueError):
             ElasticLoRALinear(base, ranks=ranks)
         assert all(p.requires_grad for p in base.parameters())
+
+
+def test_dtype_behaviour_is_peft_s():
+    # PEFT (autocast_adapter_dtype=True) creates LoRA weights in fp32 over a bf16 base, and
+    # a later .to(dtype) casts them like any parameter: ours do the same at both steps.
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(make_tiny("llama", dtype=torch.bfloat16),
+                          LoraConfig(r=4, target_modules=["q_proj"]))
+    ours = add_elastic_lora(make_tiny("llama", dtype=torch.bfloat16), ["q_proj"], ranks=[4])
+    p = peft.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    q = ours.model.layers[0].self_attn.q_proj.lora_A
+    assert p.dtype == q.dtype == torch.float32
+    peft.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    p = peft.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    q = ours.model.layers[0].self_attn.q_proj.lora_A
+    assert p.dtype == q.dtype == torch.bfloat16
