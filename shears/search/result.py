@@ -153,8 +153,8 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchResult:
-        """Read a saved result; files with bare ``NaN`` tokens (written before 12/2026)
-        load too."""
+        """Read a saved result; files with bare ``NaN`` tokens (earlier versions wrote
+        them) load too."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
