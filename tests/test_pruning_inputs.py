@@ -32,6 +32,15 @@ BAD_CALLS = [
     (dict(targets="no_such_module"), ValueError, "candidates: model.layers.0.self_attn.q_proj"),
     (dict(method="sparsegpt"), ValueError, "method"),
     (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(sparsity="0.5"), TypeError, r"sparsity must be a number .* got str '0\.5'"),
+    (dict(sparsity=True), TypeError, "sparsity must be a number"),
+    (dict(sparsity=float("nan")), ValueError, "sparsity"),
+    (dict(calibration=torch.tensor([[3, 128, 5]])), ValueError,
+     r"vocabulary size 128 .* ids from 3 to 128"),
+    (dict(calibration=torch.tensor([[3, -1, 5]])), ValueError,
+     r"vocabulary size 128 .* ids from -1 to 5"),
+    (dict(calibration=[{"input_ids": [1, 2]}, {"input_ids": [9000]}]), ValueError,
+     r"token ids must be in \[0, 128\)"),
 ]
 
 
@@ -54,10 +63,41 @@ def test_meta_device_model():
 
 def test_non_finite_activations_name_the_block():
     model = make_tiny("llama")
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.fill_(float("inf"))
+    with torch.no_grad():  # a norm is never pruned, so its weights are not checked up front
+        model.model.layers[0].post_attention_layernorm.weight.fill_(float("inf"))
     with pytest.raises(RuntimeError, match=r"model\.layers\.0"):
         wanda_prune(model, random_ids(2, 8), progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_in_the_last_block_is_refused_before_any_change(method, value):
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[3, 5] = value
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        wanda_prune(model, random_ids(2, 8), method=method, progress=False)
+    assert all(torch.equal(p, before[n]) or n.endswith("down_proj.weight")
+               for n, p in model.named_parameters())
+    w = model.model.layers[-1].mlp.down_proj.weight  # NaN != NaN: compare it apart
+    assert torch.equal(w.isnan(), before["model.layers.1.mlp.down_proj.weight"].isnan())
+    assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()  # block 0 untouched
+
+
+def test_non_finite_weight_outside_the_targets_is_not_ours_to_refuse():
+    # only the maps to be pruned are checked: excluded ones are the user's business
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] = float("nan")
+    report = wanda_prune(model, random_ids(2, 8), method="magnitude", exclude="down_proj",
+                         progress=False)
+    assert "model.layers.1.mlp.down_proj" not in {m.name for m in report.modules}
+
+
+def test_a_real_vocabulary_id_range_is_accepted():
+    ids = torch.tensor([[0, 127, 64, 1]])  # the edges of the tiny vocabulary
+    wanda_prune(make_tiny("llama"), ids, progress=False)
 
 
 class CharTokenizer:

@@ -107,6 +107,77 @@ def test_resume_refuses_another_space_or_direction():
     earlier = hill_climb(SMALL, random_table(SMALL, 0), budget=5, progress=False)
     with pytest.raises(KeyError):
         hill_climb(SPACE, deceptive, budget=10, resume=earlier, progress=False)
-    with pytest.raises(ValueError, match="opposite"):
+    with pytest.raises(ValueError) as error:
         hill_climb(SMALL, random_table(SMALL, 0), budget=10, maximize=False, resume=earlier,
                    progress=False)
+    assert str(error.value) == (
+        "cannot resume: the saved search maximised its score (maximize=True) but this one "
+        "minimises it (maximize=False); pass maximize=True to continue it")
+    lower = hill_climb(SMALL, random_table(SMALL, 0), budget=5, maximize=False, progress=False)
+    with pytest.raises(ValueError) as error:
+        nsga2_search(SMALL, random_table(SMALL, 0), cost=lambda c: 1.0, budget=10,
+                     resume=lower, progress=False)
+    assert str(error.value) == (
+        "cannot resume: the saved search minimised its score (maximize=False) but this one "
+        "maximises it (maximize=True); pass maximize=False to continue it")
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _same_float(a, b) -> bool:
+    return type(a) is type(b) and (a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def test_json_is_standard_and_round_trips_non_finite_numbers_exactly(tmp_path):
+    inf = math.inf
+    space = {"a": [4, 3, 2, 1]}
+    history = [Evaluation({"a": 4}, math.nan, params=1, seconds=0.25, cost=2.0),
+               Evaluation({"a": 3}, inf, params=2, seconds=0.5, cost=inf),
+               Evaluation({"a": 2}, -inf, seconds=math.nan),
+               Evaluation({"a": 1}, 0.1 + 0.2, cost=-0.0)]
+    result = SearchResult(space, history, method="hand",
+                          settings={"reference_points": [[inf, 1.0], [0.5, -inf]],
+                                    "epsilon": math.nan, "seed": 3, "start": None})
+    result.save(tmp_path / "r.json")
+    data = _strict_json((tmp_path / "r.json").read_text())  # no NaN/Infinity tokens
+    assert [e["score"] for e in data["history"]][:3] == ["NaN", "Infinity", "-Infinity"]
+    back = SearchResult.load(tmp_path / "r.json")
+    for a, b in zip(back.history, history, strict=True):
+        assert a.config == b.config and a.params == b.params
+        assert _same_float(a.score, b.score) and _same_float(a.seconds, b.seconds)
+        assert (a.cost is None and b.cost is None) or _same_float(a.cost, b.cost)
+    assert math.copysign(1, back.history[3].cost) == -1.0  # -0.0 kept
+    assert back.settings["reference_points"] == [[inf, 1.0], [0.5, -inf]]
+    assert math.isnan(back.settings["epsilon"]) and back.settings["seed"] == 3
+    assert back.best_score == inf and back.space == space
+
+
+def test_files_written_with_bare_nan_tokens_still_load(tmp_path):
+    result = hand_result()
+    result.history.append(Evaluation({"a": 1}, math.inf, cost=-math.inf))
+    (tmp_path / "old.json").write_text(json.dumps(result.to_dict(), indent=1))  # old writer
+    assert "NaN" in (tmp_path / "old.json").read_text()
+    back = SearchResult.load(tmp_path / "old.json")
+    for a, b in zip(back.history, result.history, strict=True):
+        assert _same_float(a.score, b.score) and a.cost == b.cost
+
+
+def test_a_search_with_nan_scores_saves_standard_json_and_resumes(tmp_path):
+    def judge(c):
+        return math.nan if c["a"] == 2 else float(c["a"])
+
+    first = hill_climb({"a": [4, 3, 2, 1]}, judge, budget=3, seed=0, progress=False)
+    # from the heuristic 3, the climb evaluates its neighbours 2 (NaN) and 4
+    assert [e.config["a"] for e in first.history] == [3, 2, 4]
+    assert math.isnan(first.history[1].score)
+    first.save(tmp_path / "hc.json")
+    _strict_json((tmp_path / "hc.json").read_text())
+    resumed = hill_climb({"a": [4, 3, 2, 1]}, judge, budget=4, seed=0, progress=False,
+                         resume=tmp_path / "hc.json")
+    assert [e.config for e in resumed.history[:3]] == [e.config for e in first.history]
+    assert math.isnan(resumed.history[1].score) and resumed.best_config == {"a": 4}

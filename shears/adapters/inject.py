@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import RANK_MODES, ElasticLoRALinear, validate_ranks
+from .layer import RANK_MODES, ElasticLoRALinear, check_alpha_dropout, validate_ranks
 from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
@@ -85,9 +85,11 @@ def add_elastic_lora(
         model: any module, typically a (pruned) ``*ForCausalLM``.
         target_modules: name suffixes (``["q_proj", "k_proj", "v_proj", "up_proj",
             "down_proj"]``) or one regex over qualified names (``r".*\\.mlp\\..*"``).
-        ranks: the elastic ranks of every adapter (descending order is kept).
-        alpha: LoRA alpha; scaling ``alpha / max(ranks)`` for every active rank.
-        dropout: dropout on the adapter input.
+        ranks: the elastic ranks of every adapter: positive integral values (Python or
+            numpy ints, e.g. a numpy array; not floats), kept as descending plain ints.
+        alpha: LoRA alpha, a finite number > 0; scaling ``alpha / max(ranks)`` for every
+            active rank.
+        dropout: dropout probability on the adapter input, in [0, 1).
         groups: which adapters share one rank variable: ``"module"`` (each its own),
             ``"qkv"`` (the paper's grouping: ``q_proj``, ``k_proj`` and ``v_proj`` of a
             block share one rank, every other adapter is its own group), ``"layer"`` (one
@@ -108,6 +110,7 @@ def add_elastic_lora(
     if any(isinstance(m, ElasticLoRALinear) for m in model.modules()):
         raise ValueError("elastic LoRA adapters are already applied to this model")
     ranks = validate_ranks(ranks)
+    check_alpha_dropout(alpha, dropout)
     if rank_mode not in RANK_MODES:
         raise ValueError(f"rank_mode must be one of {list(RANK_MODES)}, got {rank_mode!r}")
     group_fn = group_function(groups)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -36,22 +37,38 @@ RANK_MODES = ("slice", "mask")
 
 
 def validate_ranks(ranks: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
-    """Check a rank list and return it in descending order.
+    """Check a rank list and return it in descending order, as plain Python ints.
 
-    Ranks must be positive ints without duplicates and, when ``max_rank`` is given (the
-    smaller side of the weight), no larger than it.
+    ``ranks`` is a sized iterable (list, tuple, 1-D numpy array) of integral values (Python
+    or numpy ints; not bools, not floats, even 16.0). No duplicates and, when ``max_rank``
+    is given (the smaller side of the weight), none larger than it.
     """
-    if isinstance(ranks, (int, str)) or len(ranks) == 0:
+    if isinstance(ranks, (str, bytes, Integral)) or not hasattr(ranks, "__len__") \
+            or len(ranks) == 0:
         raise ValueError(f"ranks must be a non-empty list of positive ints, got {ranks!r}")
     for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, Integral) or r <= 0:
             raise ValueError(f"ranks must be positive ints, got {r!r} in {list(ranks)}")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks must not repeat, got {list(ranks)}")
-    out = tuple(sorted(ranks, reverse=True))
+    ints = [int(r) for r in ranks]  # numpy ints -> int: JSON metadata, exact comparisons
+    if len(set(ints)) != len(ints):
+        raise ValueError(f"ranks must not repeat, got {ints}")
+    out = tuple(sorted(ints, reverse=True))
     if max_rank is not None and out[0] > max_rank:
         raise ValueError(f"r_max={out[0]} exceeds min(in_features, out_features)={max_rank}")
     return out
+
+
+def check_alpha_dropout(alpha: float, dropout: float) -> None:
+    """Refuse an ``alpha`` that is not a finite number > 0 (0 learns nothing; NaN or inf
+    makes every output NaN) and a ``dropout`` outside [0, 1) (1 drops every input)."""
+    for name, value in (("alpha", alpha), ("dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
+                            f"{value!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:  # False for NaN too
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
 class ElasticLoRALinear(nn.Module):
@@ -64,8 +81,8 @@ class ElasticLoRALinear(nn.Module):
         base_layer: ``nn.Linear`` (weight (out, in)) or transformers' ``Conv1D``
             (weight (in, out)); kept as ``self.base_layer`` and frozen.
         ranks: the ranks a sub-adapter may take; stored in descending order.
-        alpha: LoRA alpha; the scaling is ``alpha / max(ranks)``.
-        dropout: dropout probability on the adapter's input.
+        alpha: LoRA alpha, a finite number > 0; the scaling is ``alpha / max(ranks)``.
+        dropout: dropout probability on the adapter's input, in [0, 1).
         sparse_adapter: multiply the update by the base weight's non-zero mask (SparsePEFT,
             as in SQFT) so that merging the adapter keeps the base's zeros exactly.
         group: the search-space group whose rank variable this adapter follows
@@ -73,6 +90,12 @@ class ElasticLoRALinear(nn.Module):
         rank_mode: ``"slice"`` (default; prefix views, least work per rank) or ``"mask"``
             (static shapes for ``torch.compile``: the work of r_max at every rank, one
             graph for all configurations). Settable later; the maths do not change.
+
+    ``lora_A`` (r_max, in) and ``lora_B`` (out, r_max) are created in fp32 on the base
+    layer's device, whatever the base dtype. They are ordinary parameters: a later
+    ``model.to(torch.bfloat16)`` casts them as well (as it does PEFT's LoRA weights), and
+    ``forward`` then computes the update in bf16. Mixed precision with fp32 adapters over a
+    bf16 base: cast the base before ``add_elastic_lora``, or use autocast.
     """
 
     #: Instances constructed so far in this process. A cached ``ElasticIndex`` compares it
@@ -92,15 +115,16 @@ class ElasticLoRALinear(nn.Module):
         super().__init__()
         if isinstance(base_layer, ElasticLoRALinear):
             raise ValueError("this layer already carries an elastic LoRA adapter")
+        check_alpha_dropout(alpha, dropout)  # before the base layer is frozen below
         if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
             self.in_features, self.out_features = base_layer.weight.shape
         elif isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.ranks = validate_ranks(ranks, min(self.in_features, self.out_features))
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
-        self.ranks = validate_ranks(ranks, min(self.in_features, self.out_features))
         self.r_max = self.ranks[0]
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r_max
@@ -108,10 +132,12 @@ class ElasticLoRALinear(nn.Module):
         self.group = group
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapters follow the base layer's device and stay fp32 whatever the base dtype.
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(self.r_max, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, device=device))
+        # Created on the base layer's device in fp32, whatever the base's or torch's default
+        # dtype (as PEFT's autocast_adapter_dtype). Like any parameter, a later
+        # ``model.to(dtype)`` casts them too; forward then computes the update in that dtype.
+        kw = dict(device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(self.r_max, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's default init
         self._active_rank = self.r_max
         self._rank_mode = "slice"
@@ -195,7 +221,8 @@ class ElasticLoRALinear(nn.Module):
         return w.t() if isinstance(self.base_layer, Conv1D) else w
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
-        """The (out, in) fp32 update ``scaling * B[:, :r] @ A[:r]`` (masked if sparse_adapter)."""
+        """The (out, in) update ``scaling * B[:, :r] @ A[:r]`` in the adapters' dtype (fp32
+        unless cast), masked if sparse_adapter."""
         r = self._active_rank if rank is None else rank
         if r not in self.ranks:
             raise ValueError(f"rank {r!r} is not in this adapter's ranks {list(self.ranks)}")

@@ -113,6 +113,20 @@ def _pad_rows(rows) -> Calibration:
     return Calibration(ids, None if bool(mask.all()) else mask)
 
 
+def check_token_ids(calib: Calibration, vocab_size: int) -> None:
+    """Refuse ids outside ``[0, vocab_size)`` (the embedding lookup would raise a bare
+    ``IndexError``, or read out of bounds on some devices); one min/max over the ids."""
+    ids = calib.input_ids
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and hi < vocab_size:
+        return
+    row, pos = (int(i) for i in ((ids < 0) | (ids >= vocab_size)).nonzero()[0])
+    raise ValueError(
+        f"calibration token ids must be in [0, {vocab_size}), the vocabulary size "
+        f"{vocab_size} of the model's input embedding; got ids from {lo} to {hi} (row {row}, "
+        f"position {pos} holds {int(ids[row, pos])}); tokenize with this model's tokenizer")
+
+
 def as_calibration(calibration) -> Calibration:
     """Normalise a LongTensor (n, seqlen), a list of dicts or a DataLoader of dicts.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from shears.pruning.calibration import Calibration, as_calibration
+from shears.pruning.calibration import Calibration, as_calibration, check_token_ids
 from shears.pruning.capture import BlockInputs, call_block, capture_block_inputs
 from shears.pruning.layers import find_decoder_blocks, prunable_modules, weight_matrix
 from shears.pruning.masks import (
@@ -22,6 +24,9 @@ from .report import SparsityReport, sparsity_report
 
 
 def _resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> float:
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, Real)):
+        raise TypeError(f"sparsity must be a number in [0, 1) such as 0.5 (or None), got "
+                        f"{type(sparsity).__name__} {sparsity!r}")
     if nm is not None:
         if sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
             raise ValueError(f"sparsity={sparsity} contradicts the {nm[0]}:{nm[1]} pattern "
@@ -93,6 +98,31 @@ def _check_model(model: nn.Module) -> None:
                          "first (e.g. without device_map='meta' / init_empty_weights)")
 
 
+def _check_weights(per_block) -> None:
+    """Refuse NaN/inf in any map to be pruned, before the first block is touched: its scores
+    would be NaN and its mask arbitrary, and in the last block no activation would show it.
+    ``aminmax`` propagates NaN and shows an inf as the min or max: one reduction per weight,
+    no weight-sized temporary (``isfinite(w).all()`` took 54x the time of ``w.sum()`` on a
+    (11008, 4096) fp32 CPU weight, aminmax 1.2x). The count is taken only on failure."""
+    for _, modules in per_block:
+        for name, module in modules.items():
+            w = module.weight
+            if not all(bool(torch.isfinite(v)) for v in torch.aminmax(w)):
+                bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(f"{name}.weight holds {bad} NaN/inf of {w.numel()} entries; "
+                                 "Wanda cannot rank them. Reload or repair the weights, or "
+                                 "leave this map out with exclude=")
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding, or None when the model does not expose one."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embedding, "num_embeddings", None)
+
+
 def wanda_prune(
     model: nn.Module,
     calibration=None,
@@ -141,6 +171,7 @@ def wanda_prune(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _check_model(model)
     per_block = prunable_modules(model, targets, exclude)
+    _check_weights(per_block)
     pruned = [name for _, modules in per_block for name in modules]
     if method == "magnitude":
         with torch.no_grad():
@@ -149,6 +180,9 @@ def wanda_prune(
                     _prune(module, magnitude_scores(weight_matrix(module)), sparsity, nm)
         return sparsity_report(model, pruned)
     calib = as_calibration(calibration)  # validated before any weight is touched
+    vocab_size = _vocabulary_size(model)
+    if vocab_size is not None:
+        check_token_ids(calib, vocab_size)
     was_training = model.training
     model.eval()
     try:

@@ -72,8 +72,11 @@ class Budget:
         self.model, self.cost, self.maximize = model, cost, maximize
         self.prior: list[Evaluation] = list(prior.history) if prior is not None else []
         if prior is not None and prior.maximize != maximize:
-            raise ValueError("the resumed search maximised its score "
-                             f"{'' if prior.maximize else 'not '}but this one does the opposite")
+            then, now = ("maximis" if m else "minimis" for m in (prior.maximize, maximize))
+            raise ValueError(
+                f"cannot resume: the saved search {then}ed its score (maximize="
+                f"{prior.maximize}) but this one {now}es it (maximize={maximize}); pass "
+                f"maximize={prior.maximize} to continue it")
         # encode() also checks that the resumed history belongs to this search space
         self.known = {encode(space, e.config): e for e in self.prior}
         self.visited: dict[Key, Evaluation] = {}

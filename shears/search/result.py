@@ -20,6 +20,35 @@ SearchSpace = dict[str, list[int]]
 Config = dict[str, int]
 
 
+# Standard JSON has no NaN or infinity: ``save`` writes these strings (the spellings of
+# JavaScript and of Python's json module), read back wherever a float may stand: an
+# evaluation's score, cost and seconds, and any value inside ``settings``.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FLOAT_FIELDS = ("score", "cost", "seconds")
+
+
+def _to_json(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by its string in ``_NON_FINITE``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {k: _to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_json(v) for v in x]
+    return x
+
+
+def _from_json(x: Any) -> Any:
+    """The inverse of ``_to_json``."""
+    if isinstance(x, str):
+        return _NON_FINITE.get(x, x)
+    if isinstance(x, dict):
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluated sub-adapter.
@@ -97,6 +126,7 @@ class SearchResult:
         return sorted(front, key=lambda e: (e.objective_cost, sign * e.score))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain Python data (non-finite scores stay floats; ``save`` spells them out)."""
         return {
             "method": self.method,
             "maximize": self.maximize,
@@ -107,18 +137,24 @@ class SearchResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchResult:
-        history = [Evaluation(**e) for e in data["history"]]
+        """The inverse of ``to_dict``; also reads the strings ``save`` writes for NaN/inf."""
+        history = [Evaluation(**{k: _from_json(v) if k in _FLOAT_FIELDS else v
+                                 for k, v in e.items()}) for e in data["history"]]
         return cls(space={g: list(r) for g, r in data["space"].items()}, history=history,
                    maximize=bool(data.get("maximize", True)), method=data.get("method", ""),
-                   settings=dict(data.get("settings", {})))
+                   settings=_from_json(dict(data.get("settings", {}))))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the result as JSON (NaN scores are written as ``NaN``)."""
+        """Write the result as standard JSON: a NaN or infinite number (a failed evaluation,
+        an infinite cost) is written as the string ``"NaN"``, ``"Infinity"`` or
+        ``"-Infinity"``, which strict parsers accept and ``load`` turns back into the float."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+            json.dump(_to_json(self.to_dict()), f, indent=1, allow_nan=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchResult:
+        """Read a saved result; files with bare ``NaN`` tokens (earlier versions wrote
+        them) load too."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
