@@ -16,7 +16,7 @@ import reproduce
 import torch
 
 import shears
-from shears.evaluation import evaluate_loss
+from shears.evaluation import evaluate_loss, extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
@@ -89,6 +89,25 @@ def test_smoke_writes_every_output_and_row(smoke):
     for phase in ("prune", "train: LoRA", "train: NLS", "search: hill-climb"):
         assert saved["phases"][phase]["wall_s"] >= 0 and "cpu_s" in saved["phases"][phase]
     assert results["rows"][0]["row"] == "dense"
+
+
+def test_smoke_evaluates_with_the_references_decoding_and_answer_rule(smoke):
+    """The paper's defaults: 4 beams and LLM-Adapters' answer extraction, recorded in
+    results.json and results.md, and used for every evaluated record."""
+    _, out, results = smoke
+    assert results["evaluation"] == {"num_beams": 4, "max_new_tokens": 4,
+                                     "answer_rule": "llm-adapters"}
+    assert (out / "results.md").read_text().startswith(
+        "Generation: 4-beam search, up to 4 new tokens; answers extracted by the llm-adapters")
+    records = [(path.stem, r) for path in (out / "evals").rglob("*.json")
+               for r in json.loads(path.read_text())["records"]]
+    assert len(records) > 20
+    for task, r in records:
+        assert r["prediction"] == extract_answer(r["output"], task, rule="llm-adapters")
+    defaults = reproduce.parse_args(["--data", "x"])
+    assert (defaults.num_beams, defaults.answer_rule) == (4, "llm-adapters")
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--num-beams", "0"])
 
 
 def test_smoke_data_rules(smoke):
