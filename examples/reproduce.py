@@ -189,11 +189,17 @@ class Ledger:
         write_json(self.path, self.phases)
 
 
+# What a folder written before a flag existed ran with (docs/results.md's measured runs).
+SETTINGS_BEFORE_FLAGS = {"num_beams": 1, "answer_rule": "shears"}
+
+
 def check_settings(out: Path, args: argparse.Namespace) -> None:
     """Refuse to resume from a folder whose finished pieces came from other settings."""
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads")}
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     old = read_json(out / "settings.json")
+    if old is not None:
+        old = {**SETTINGS_BEFORE_FLAGS, **old}
     if old is not None and old != settings:
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         sys.exit(f"{out} holds results of other settings ({', '.join(changed)}): "

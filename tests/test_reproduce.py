@@ -165,6 +165,18 @@ def test_other_settings_refuse_the_same_folder(smoke):
         reproduce.main(argv + ["--budget", "7"])
 
 
+def test_folder_from_before_the_decoding_flags_resumes_only_with_greedy_and_shears_rule(
+        smoke, tmp_path):
+    argv, out, _ = smoke
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["num_beams"], settings["answer_rule"]  # as written before the flags
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r"other settings \(answer_rule, num_beams\)"):
+        reproduce.check_settings(tmp_path, reproduce.parse_args(argv))
+    reproduce.check_settings(tmp_path, reproduce.parse_args(
+        argv + ["--num-beams", "1", "--answer-rule", "shears"]))
+
+
 @pytest.mark.skipif(not (SHARED / "llm-adapters" / "boolq_train.json").exists(),
                     reason="shared data absent")
 def test_command_line_smoke_on_shared_commonsense_data(tmp_path):
