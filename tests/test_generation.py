@@ -220,3 +220,10 @@ def test_evaluate_generation_passes_num_beams_and_rule(monkeypatch):
     assert [r["prediction"] for r in own.records] == ["B", "B"] and own.accuracy == 0.5
     with pytest.raises(ValueError, match="answer rule"):
         evaluate_generation(None, None, records, "AQuA", progress=False, rule="paper")
+
+
+@pytest.mark.parametrize("beams", [0, -1, 2.0])
+def test_num_beams_must_be_a_positive_integer(beams):
+    model, tok = make_tiny("llama", seed=0), char_tokenizer()
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        generate_tokens(model, tok, PROMPTS[:1], num_beams=beams, progress=False)
