@@ -30,7 +30,8 @@ On 2 CPU cores, docs/results.md's budget takes about 70 minutes per task (SmolLM
 
     python examples/reproduce.py --task math --data ../shared/data --out outputs/math \
       --records 640 --epochs 1 --val-records 32 --eval-records 20 --max-new-tokens 128 \
-      --budget 16 --population 8 --front-eval 2 --nsamples 32 --calib-seqlen 256 --threads 1
+      --budget 16 --population 8 --front-eval 2 --nsamples 32 --calib-seqlen 256 --threads 1 \
+      --num-beams 1 --answer-rule shears
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from shears.evaluation import (
     tokenize_record,
     wilson_interval,
 )
+from shears.evaluation.answers import RULES as ANSWER_RULES
 
 REPO = Path(__file__).resolve().parents[1]
 MATH_TESTS = ["gsm8k", "AQuA", "mawps", "AddSub", "MultiArith", "SingleEq"]
@@ -136,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-records", type=int, default=0, help="records per test set (0: all)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="math 256, commonsense 32")
     g.add_argument("--eval-batch", type=int, default=16)
+    g.add_argument("--num-beams", type=int, default=4, help="4: LLM-Adapters' beam search "
+                   "(the paper's); 1: greedy, cheaper")
+    g.add_argument("--answer-rule", choices=list(ANSWER_RULES), default="llm-adapters",
+                   help="answer extraction of the test sets: llm-adapters (the reference's, "
+                   "comparable with the paper) or shears (docs/evaluation.md)")
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**SMOKE)
     args = p.parse_args(argv)
@@ -143,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.targets = args.targets.split(",")
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.task == "math" else 32
+    if args.num_beams < 1:
+        p.error(f"--num-beams {args.num_beams} is not a positive number of beams")
     if args.batch_size % args.micro_batch:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch")
     return args
@@ -180,11 +189,17 @@ class Ledger:
         write_json(self.path, self.phases)
 
 
+# What a folder written before a flag existed ran with (docs/results.md's measured runs).
+SETTINGS_BEFORE_FLAGS = {"num_beams": 1, "answer_rule": "shears"}
+
+
 def check_settings(out: Path, args: argparse.Namespace) -> None:
     """Refuse to resume from a folder whose finished pieces came from other settings."""
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads")}
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     old = read_json(out / "settings.json")
+    if old is not None:
+        old = {**SETTINGS_BEFORE_FLAGS, **old}
     if old is not None and old != settings:
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         sys.exit(f"{out} holds results of other settings ({', '.join(changed)}): "
@@ -446,7 +461,9 @@ class Bench:
         if cached is None:
             result = evaluate_generation(model, self.tok, records, task,
                                          batch_size=self.args.eval_batch,
-                                         max_new_tokens=self.args.max_new_tokens)
+                                         max_new_tokens=self.args.max_new_tokens,
+                                         num_beams=self.args.num_beams,
+                                         rule=self.args.answer_rule)
             rows = self.loss_rows[task]
             loss = None if rows is None else evaluate_loss(model, rows, self.args.eval_batch)
             cached = {"task": task, "n": len(records), "correct": result.n_correct,
@@ -673,11 +690,16 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Tables and everything else
     by_name = {r["row"]: r for r in rows}
     comparisons = [c for c in (compare(by_name, a, b) for a, b in CLAIMS) if c]
-    table = markdown(rows, comparisons, list(tests))
+    decoding = "greedy" if args.num_beams == 1 else f"{args.num_beams}-beam search"
+    table = (f"Generation: {decoding}, up to {args.max_new_tokens} new tokens; answers "
+             f"extracted by the {args.answer_rule} rule.\n\n"
+             + markdown(rows, comparisons, list(tests)))
     (out / "results.md").write_text(table)
     results = {
         "args": {k: v for k, v in vars(args).items()}, "device": str(device), "dtype": str(dtype),
         "versions": environment,
+        "evaluation": {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                       "answer_rule": args.answer_rule},
         "seeds": {"data split and subsamples": args.seed, "calibration windows": args.seed,
                   "adapter initialisation": args.seed, "Trainer (order, dropout)": args.seed,
                   "NLS sampler": args.seed, "searches": args.seed},

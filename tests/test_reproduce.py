@@ -16,7 +16,7 @@ import reproduce
 import torch
 
 import shears
-from shears.evaluation import evaluate_loss
+from shears.evaluation import evaluate_loss, extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
@@ -91,6 +91,25 @@ def test_smoke_writes_every_output_and_row(smoke):
     assert results["rows"][0]["row"] == "dense"
 
 
+def test_smoke_evaluates_with_the_references_decoding_and_answer_rule(smoke):
+    """The paper's defaults: 4 beams and LLM-Adapters' answer extraction, recorded in
+    results.json and results.md, and used for every evaluated record."""
+    _, out, results = smoke
+    assert results["evaluation"] == {"num_beams": 4, "max_new_tokens": 4,
+                                     "answer_rule": "llm-adapters"}
+    assert (out / "results.md").read_text().startswith(
+        "Generation: 4-beam search, up to 4 new tokens; answers extracted by the llm-adapters")
+    records = [(path.stem, r) for path in (out / "evals").rglob("*.json")
+               for r in json.loads(path.read_text())["records"]]
+    assert len(records) > 20
+    for task, r in records:
+        assert r["prediction"] == extract_answer(r["output"], task, rule="llm-adapters")
+    defaults = reproduce.parse_args(["--data", "x"])
+    assert (defaults.num_beams, defaults.answer_rule) == (4, "llm-adapters")
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--num-beams", "0"])
+
+
 def test_smoke_data_rules(smoke):
     _, _, results = smoke
     train, tests = results["records"]["training"], results["records"]["tests"]
@@ -144,6 +163,18 @@ def test_other_settings_refuse_the_same_folder(smoke):
     argv, _, _ = smoke
     with pytest.raises(SystemExit, match="other settings"):
         reproduce.main(argv + ["--budget", "7"])
+
+
+def test_folder_from_before_the_decoding_flags_resumes_only_with_greedy_and_shears_rule(
+        smoke, tmp_path):
+    argv, out, _ = smoke
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["num_beams"], settings["answer_rule"]  # as written before the flags
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r"other settings \(answer_rule, num_beams\)"):
+        reproduce.check_settings(tmp_path, reproduce.parse_args(argv))
+    reproduce.check_settings(tmp_path, reproduce.parse_args(
+        argv + ["--num-beams", "1", "--answer-rule", "shears"]))
 
 
 @pytest.mark.skipif(not (SHARED / "llm-adapters" / "boolq_train.json").exists(),
