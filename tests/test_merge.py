@@ -262,3 +262,25 @@ def test_weight_shared_with_another_module_is_refused_before_anything_changes():
         merge_adapters(model)
     assert same_state(model, before)
     assert isinstance(layers[0].mlp.up_proj, ElasticLoRALinear)
+
+
+@pytest.mark.slow
+def test_smollm2_tied_lm_head_merges_exactly_and_reloads_untied(tmp_path):
+    """SmolLM2-135M ties lm_head to the input embeddings: the real case of issue 12, 2a."""
+    from smollm2 import load_smollm2
+
+    model, _ = load_smollm2()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    add_elastic_lora(model, ["q_proj", "lm_head"], ranks=[8, 4], sparse_adapter=True)
+    randomize_adapters(model, seed=5, a_scale=0.05, b_scale=0.05)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16),
+                        generator=torch.Generator().manual_seed(0))
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    expected = logits(model, ids)
+    merge_adapters(model)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert (logits(model, ids) - expected).abs().max() <= 1e-3
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert (logits(reloaded, ids) - expected).abs().max() <= 1e-3

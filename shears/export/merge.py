@@ -88,7 +88,11 @@ def _default_keep_sparsity(modules: list[tuple[str, ElasticLoRALinear]]) -> bool
 
 
 def _storage(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
+    """Where a tensor's data lives: tensors that share it (views included) share the key."""
+    try:
+        return str(t.device), t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage
+        return "object", id(t)
 
 
 def _shared_bases(model: nn.Module, modules: list[tuple[str, ElasticLoRALinear]]):
@@ -102,7 +106,7 @@ def _shared_bases(model: nn.Module, modules: list[tuple[str, ElasticLoRALinear]]
     owners: dict[tuple[str, int], list[str]] = {}
     for n, t in [*model.named_parameters(remove_duplicate=False),
                  *model.named_buffers(remove_duplicate=False)]:
-        if t.device.type != "meta":
+        if t.device.type != "meta" and t.numel():  # empty tensors all point at 0
             owners.setdefault(_storage(t), []).append(n)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     config = getattr(model, "config", None)
@@ -118,7 +122,7 @@ def _shared_bases(model: nn.Module, modules: list[tuple[str, ElasticLoRALinear]]
         partners = {v for k, v in tied.items() if k == plain} | {k for k, v in tied.items()
                                                                   if v == plain}
         others = {k: v for k, v in tied.items() if plain not in (k, v)}
-        if (sharers == [*partners] and not others
+        if (len(sharers) == 1 and sharers[0] in partners and not others
                 and getattr(config, "tie_word_embeddings", False)):
             untie.append((name, m.base_layer, sharers[0]))
             continue
@@ -138,7 +142,7 @@ def _untie(model: nn.Module, untie: list) -> None:
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
     if untie:
         model.config.tie_word_embeddings = False
-        model.all_tied_weights_keys = {}
+        model.all_tied_weights_keys = {}  # transformers' mapping; it held only this tie
 
 
 def _restore_requires_grad(model: nn.Module) -> None:
