@@ -84,6 +84,8 @@ def _cached_fingerprint(m: Any) -> dict[str, Any] | None:
     """weight_fingerprint of an adapter's base, recomputed only when the weight changed
     (another tensor, dtype or device, or an in-place write: torch's version counter)."""
     w = m.base_weight()
+    if w.device.type == "meta" or isinstance(w, DTensor):  # no data pointer to key on
+        return None
     key = (w.data_ptr(), w._version, w.dtype, str(w.device), tuple(w.shape))
     cached = m.__dict__.get("_shears_fingerprint")
     if cached is None or cached[0] != key:
