@@ -1,4 +1,8 @@
-"""Merge one sub-adapter into the sparse base: plain layers again, every zero of the base kept.
+"""Merge one sub-adapter into the base: plain layers again, no shears module left.
+
+Adapters trained with ``sparse_adapter=True`` merge exactly and keep every zero of the base;
+for dense adapters on a sparse base the caller chooses (``keep_sparsity``): nothing is lost
+by default. Every check runs before the first change.
 
 After ``merge_adapters`` the model holds no shears module, so ``model.save_pretrained(d)``
 writes an ordinary checkpoint that ``AutoModelForCausalLM.from_pretrained(d)`` loads.
