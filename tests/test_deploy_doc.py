@@ -15,5 +15,6 @@ def test_deploy_snippets_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, str(DOC), "exec"), namespace)
     out = capsys.readouterr().out
     assert "share of the adapters' update removed" in out  # the dense-merge warning
+    assert "keep_sparsity=False" in out and "export_peft" in out  # the default's refusal
     assert namespace["shears"].sparsity_report(namespace["merged"]).sparsity == 0.5
     assert (tmp_path / "out" / "peft-sub-adapter" / "adapter_config.json").is_file()

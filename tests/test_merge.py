@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 import torch
-from export_models import logits, pruned_adapted, same_state, state
+from export_models import logits, make_base, pruned_adapted, same_state, state
+from tiny import CONFIGS, VOCAB, random_ids, randomize_adapters
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from shears import merge_adapters, sparsity_report
+from shears import merge_adapters, sparsity_report, wanda_prune
 from shears.adapters import (
     ElasticLoRALinear,
     add_elastic_lora,
@@ -83,7 +84,7 @@ def test_requires_grad_comes_back_as_it_was():
     model.model.embed_tokens.requires_grad_(False)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    add_elastic_lora(model, ["q_proj", "up_proj"], ranks=[8, 4])
+    add_elastic_lora(model, ["q_proj", "up_proj"], ranks=[8, 4], sparse_adapter=True)
     merge_adapters(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert not hasattr(model, "_shears_requires_grad")
@@ -178,3 +179,108 @@ def test_bad_configs_leave_the_model_bitwise_unchanged():
     assert sum(isinstance(m, ElasticLoRALinear) for m in model.modules()) == 10
     with pytest.raises(ValueError, match="no elastic"):
         merge_adapters(nn.Sequential(nn.Linear(4, 4)))
+
+
+# ---- the default must not lose training (issue 12, 2f) ------------------------------------
+
+
+def test_default_refuses_dense_adapters_on_a_sparse_base_and_changes_nothing():
+    _, model = pruned_adapted("llama")  # dense adapters (the paper's), Wanda 50% base
+    before, active = state(model), get_config(model)
+    other = random_config(model, 3)
+    with pytest.raises(ValueError) as caught:
+        merge_adapters(model, other)
+    message = str(caught.value)
+    for phrase in ("sparse_adapter=True", "keep_sparsity=True", "lossy", "keep_sparsity=False",
+                   "dense", "unmerged", "save_adapter", "export_peft"):
+        assert phrase in message, phrase
+    assert same_state(model, before) and get_config(model) == active  # config not applied
+    assert sum(isinstance(m, ElasticLoRALinear) for m in model.modules()) == 10
+    assert hasattr(model.config, "shears_super_adapter")
+
+
+def test_default_merges_dense_adapters_exactly_where_the_base_has_no_zeros():
+    """Nothing to choose between: masking by a base without zeros drops nothing."""
+    model = make_base("llama")
+    add_elastic_lora(model, ["q_proj", "down_proj"], ranks=[8, 4])
+    randomize_adapters(model, seed=2, a_scale=0.2, b_scale=0.2)
+    expected = logits(model)
+    no_warnings(merge_adapters, model)
+    assert (logits(model) - expected).abs().max() <= 1e-4
+
+
+# ---- a tied lm_head (issue 12, 2a) ---------------------------------------------------------
+
+
+def tied_llama(sparse_adapter=True, targets=("q_proj", "lm_head")):
+    """A Wanda-50% tiny Llama whose lm_head shares its weight with the input embeddings,
+    with random adapters on ``targets`` (the lm_head among them)."""
+    config = CONFIGS["llama"]()
+    config.vocab_size, config.tie_word_embeddings = VOCAB, True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    wanda_prune(model, random_ids(4, 16, seed=7), 0.5, progress=False)
+    add_elastic_lora(model, list(targets), ranks=[8, 4], sparse_adapter=sparse_adapter)
+    return randomize_adapters(model, seed=3, a_scale=0.2, b_scale=0.2)
+
+
+@pytest.mark.parametrize("sparse_adapter", [True, False])
+def test_tied_lm_head_is_untied_and_the_merge_equals_the_adapted_model(tmp_path,
+                                                                        sparse_adapter):
+    model = tied_llama(sparse_adapter)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    expected = logits(model)
+    merge_adapters(model, keep_sparsity=None if sparse_adapter else False)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # inputs untouched
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert (logits(model) - expected).abs().max() <= 1e-4
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.requires_grad  # as the shared weight was before the adapters
+    model.tie_weights()  # transformers' own re-tying must leave it untied now
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.model.embed_tokens.weight, embeddings)
+    assert (logits(reloaded.eval()) - expected).abs().max() <= 1e-4
+
+
+def test_weight_shared_with_another_module_is_refused_before_anything_changes():
+    _, model = pruned_adapted("llama", sparse_adapter=True)
+    merge_adapters(model)
+    layers = model.model.layers
+    layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # one tensor, two maps
+    add_elastic_lora(model, r"model\.layers\.0\.mlp\.up_proj", ranks=[8, 4],
+                     sparse_adapter=True)
+    randomize_adapters(model, seed=4)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*"
+                                         r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        merge_adapters(model)
+    assert same_state(model, before)
+    assert isinstance(layers[0].mlp.up_proj, ElasticLoRALinear)
+
+
+@pytest.mark.slow
+def test_smollm2_tied_lm_head_merges_exactly_and_reloads_untied(tmp_path):
+    """SmolLM2-135M ties lm_head to the input embeddings: the real case of issue 12, 2a."""
+    from smollm2 import load_smollm2
+
+    model, _ = load_smollm2()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    add_elastic_lora(model, ["q_proj", "lm_head"], ranks=[8, 4], sparse_adapter=True)
+    randomize_adapters(model, seed=5, a_scale=0.05, b_scale=0.05)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16),
+                        generator=torch.Generator().manual_seed(0))
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    expected = logits(model, ids)
+    merge_adapters(model)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert (logits(model, ids) - expected).abs().max() <= 1e-3
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert (logits(reloaded, ids) - expected).abs().max() <= 1e-3

@@ -372,3 +372,21 @@ def test_single_layer_keys_and_buffers_of_the_adapter_itself():
     assert torch.equal(twin.base_layer.bias, layer.base_layer.bias)
     x = torch.randn(3, 16)
     assert torch.equal(twin(x), layer(x))
+
+
+def test_adapters_on_a_submodule_round_trip_through_save_pretrained(tmp_path):
+    """add_elastic_lora(model.model): the layout names modules relative to model.model,
+    the weights file relative to the whole model (issue 12, 2c)."""
+    model, _ = pruned("llama")
+    add_elastic_lora(model.model, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                     ranks=[8, 4, 2], groups="qkv")
+    randomize_adapters(model, seed=7)
+    active = random_config(model, 5)
+    expected = logits(model, active)
+    model.save_pretrained(tmp_path)
+    plain = load_adapter(AutoModelForCausalLM.from_pretrained(tmp_path), tmp_path)
+    assert get_config(plain) == active
+    assert torch.equal(logits(plain), expected)
+    sub = AutoModelForCausalLM.from_pretrained(tmp_path)
+    load_adapter(sub.model, tmp_path)  # onto the same submodule
+    assert torch.equal(logits(sub), expected)

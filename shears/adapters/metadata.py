@@ -11,20 +11,98 @@ A model loaded with plain ``from_pretrained`` from such a directory keeps the en
 config although it carries no adapters; ``add_elastic_lora`` replaces it with the new
 layout, and ``clear_adapter_metadata`` removes it (call it when the adapters go away, e.g.
 after merging them into the base).
+
+The layout also carries a cheap fingerprint of the base (``base_fingerprint``: per adapted
+map its shape, its zero count and two fp64 sums over a strided sample of at most about
+64 x 64 weights), so that ``load_adapter`` can refuse a base other than the one the adapters
+were trained on. ``save_adapter`` computes it when it writes; the entry on ``model.config``
+computes it afresh whenever the config is serialised (``config.json``), so it describes the
+base as saved, also when the base was pruned or loaded after ``add_elastic_lora``.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import weakref
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from .index import elastic_modules
 
+try:  # FSDP2 shards the base as DTensors: gathering it for a fingerprint would cost a model
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
 METADATA_KEY = "shears_super_adapter"
 FORMAT = "shears-super-adapter"
 FORMAT_VERSION = 1
+FINGERPRINT_KEY = "base_fingerprint"
+SAMPLE_SIDE = 64  # the strided sample takes every (out // 64)-th row and (in // 64)-th column
+# A base cast to another dtype must pass: fp16 flushes weights below 6e-8 to zero (about 2 in a
+# million for weights of std 0.02), and bf16 rounding moves the sample sums by ~1e-5
+# relatively. A dense base (50% more zeros), another pruning or other weights move them far more.
+ZERO_TOLERANCE = 1e-4  # of the map's elements
+SUM_TOLERANCE = 1e-3  # of the sample's sum of |w|
+
+
+def weight_fingerprint(w: torch.Tensor) -> dict[str, Any] | None:
+    """A cheap fingerprint of one (out, in) base weight, or None for a meta or sharded one.
+
+    ``shape``; ``zeros``, the exact zero count (one pass); ``abs_sum`` and ``sum``, fp64 sums
+    of |w| and w over the strided sample ``w[::max(1, out // 64), ::max(1, in // 64)]``.
+    """
+    if w.device.type == "meta" or isinstance(w, DTensor) or w.dim() != 2:
+        return None
+    out_f, in_f = w.shape
+    sample = w[:: max(1, out_f // SAMPLE_SIDE), :: max(1, in_f // SAMPLE_SIDE)].double()
+    return {"shape": [out_f, in_f], "zeros": int(w.numel() - torch.count_nonzero(w)),
+            "abs_sum": float(sample.abs().sum()), "sum": float(sample.sum())}
+
+
+def fingerprint_difference(saved: dict[str, Any], have: dict[str, Any]) -> str | None:
+    """What differs between two fingerprints of one map, in words; None if they match."""
+    if list(saved["shape"]) != list(have["shape"]):
+        return f"base weight shape {have['shape']} here, {saved['shape']} saved"
+    numel = math.prod(have["shape"])
+    if abs(saved["zeros"] - have["zeros"]) > ZERO_TOLERANCE * numel:
+        return (f"{have['zeros']} zeros of {numel} here, {saved['zeros']} saved (a dense or "
+                "differently pruned base?)")
+    scale = max(abs(saved["abs_sum"]), abs(have["abs_sum"]))
+    for key in ("abs_sum", "sum"):
+        if abs(saved[key] - have[key]) > SUM_TOLERANCE * scale:
+            return (f"checksum of a strided sample ({key}) {have[key]:.7g} here, "
+                    f"{saved[key]:.7g} saved (other weights under the same names?)")
+    return None
+
+
+def _cached_fingerprint(m: Any) -> dict[str, Any] | None:
+    """weight_fingerprint of an adapter's base, recomputed only when the weight changed
+    (another tensor, dtype or device, or an in-place write: torch's version counter)."""
+    w = m.base_weight()
+    if w.device.type == "meta" or isinstance(w, DTensor):  # no data pointer to key on
+        return None
+    key = (w.data_ptr(), w._version, w.dtype, str(w.device), tuple(w.shape))
+    cached = m.__dict__.get("_shears_fingerprint")
+    if cached is None or cached[0] != key:
+        cached = (key, weight_fingerprint(w))
+        m.__dict__["_shears_fingerprint"] = cached
+    return cached[1]
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """``{module: weight_fingerprint}`` of every adapter's base; None if one has none."""
+    out = {}
+    for name, m in elastic_modules(model):
+        fp = _cached_fingerprint(m)
+        if fp is None:
+            return None
+        out[name] = fp
+    return out
 
 
 def shared_attribute(modules: list[tuple[str, Any]], attr: str) -> Any:
@@ -36,12 +114,14 @@ def shared_attribute(modules: list[tuple[str, Any]], attr: str) -> Any:
     return values.pop()
 
 
-def adapter_layout(model: nn.Module) -> dict[str, Any]:
+def adapter_layout(model: nn.Module, fingerprint: bool = True) -> dict[str, Any]:
     """What ``add_elastic_lora`` needs to rebuild the adapters of ``model`` (no weights).
 
     Keys: ``format``, ``version``, ``targets`` (qualified names, module order), ``ranks``,
     ``alpha``, ``dropout``, ``sparse_adapter``, ``rank_mode``, ``groups`` (module -> group key)
-    and ``shapes`` (module -> [out, in]); all JSON-serialisable.
+    ``shapes`` (module -> [out, in]) and, with ``fingerprint``, ``base_fingerprint``
+    (module -> :func:`weight_fingerprint` of its base now; None under FSDP or on the meta
+    device); all JSON-serialisable.
     """
     modules = list(elastic_modules(model))
     if not modules:
@@ -57,7 +137,34 @@ def adapter_layout(model: nn.Module) -> dict[str, Any]:
         "rank_mode": shared_attribute(modules, "rank_mode"),
         "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
         "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
+        FINGERPRINT_KEY: base_fingerprint(model) if fingerprint else None,
     }
+
+
+class _LiveLayout(dict):
+    """The layout on ``model.config``. Its copies carry the base fingerprint computed at that
+    moment: ``config.to_dict`` deep-copies (so every ``config.json`` gets one) and pickling
+    takes one, so that the saved fingerprint describes the base as saved. A deep copy of the
+    whole model gets a plain copy, fingerprinted at that moment."""
+
+    def __init__(self, layout: dict[str, Any], model: nn.Module) -> None:
+        super().__init__(layout)
+        self._model = weakref.ref(model)
+
+    def snapshot(self) -> dict[str, Any]:
+        out = copy.deepcopy(dict(self))
+        model = self._model()
+        if model is not None and [n for n, _ in elastic_modules(model)] == self["targets"]:
+            fp = base_fingerprint(model)
+            if fp is not None:
+                out[FINGERPRINT_KEY] = fp
+        return out
+
+    def __deepcopy__(self, memo: dict) -> dict[str, Any]:
+        return self.snapshot()
+
+    def __reduce__(self):
+        return dict, (self.snapshot(),)
 
 
 def _config_of(model: nn.Module) -> PretrainedConfig | None:
@@ -70,7 +177,7 @@ def record_adapter_metadata(model: nn.Module) -> bool:
     config = _config_of(model)
     if config is None:
         return False
-    setattr(config, METADATA_KEY, adapter_layout(model))
+    setattr(config, METADATA_KEY, _LiveLayout(adapter_layout(model), model))
     return True
 
 

@@ -2,7 +2,8 @@
 
 - :func:`save_adapter` / :func:`load_adapter`: the whole super-adapter, shears' own format.
 - :func:`export_peft`: one sub-adapter as a stock PEFT LoRA adapter.
-- :func:`merge_adapters`: one sub-adapter merged into the sparse base, zeros kept.
+- :func:`merge_adapters`: one sub-adapter merged into the base, exactly (and sparse for
+  ``sparse_adapter=True`` adapters).
 - :func:`to_semi_structured`: 2:4-sparse weights as CUDA semi-structured tensors.
 """
 

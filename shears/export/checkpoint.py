@@ -23,6 +23,8 @@ from shears.adapters import METADATA_KEY
 from shears.adapters.layer import ACTIVE_RANK_KEY
 from shears.adapters.metadata import FORMAT, FORMAT_VERSION
 
+from .layout import prefixes_to, rebase
+
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_INDEX_NAME = "model.safetensors.index.json"
@@ -102,6 +104,12 @@ def read_checkpoint_adapter(
                          f"{METADATA_KEY!r} entry (written by save_pretrained of a model "
                          "carrying adapters) and no save_adapter files")
     files = _weight_files(directory)
+    # add_elastic_lora(model.model) names the layout relative to model.model, while
+    # model.save_pretrained names the tensors relative to model: match them by one prefix.
+    adapted = {k[: -len(".lora_A")] for k in files if k.endswith(".lora_A")}
+    pairs = prefixes_to(adapted, meta["targets"]) if adapted else []
+    if len(pairs) == 1 and pairs[0] != ("", ""):
+        meta, _ = rebase(meta, {}, *pairs[0])
     wanted = [f"{t}.lora_{ab}" for t in meta["targets"] for ab in "AB"]
     missing = [k for k in wanted if k not in files]
     if missing:

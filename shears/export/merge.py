@@ -1,4 +1,8 @@
-"""Merge one sub-adapter into the sparse base: plain layers again, every zero of the base kept.
+"""Merge one sub-adapter into the base: plain layers again, no shears module left.
+
+Adapters trained with ``sparse_adapter=True`` merge exactly and keep every zero of the base;
+for dense adapters on a sparse base the caller chooses (``keep_sparsity``): nothing is lost
+by default. Every check runs before the first change.
 
 After ``merge_adapters`` the model holds no shears module, so ``model.save_pretrained(d)``
 writes an ordinary checkpoint that ``AutoModelForCausalLM.from_pretrained(d)`` loads.
@@ -65,6 +69,86 @@ def _merge_one(name: str, m: ElasticLoRALinear, keep_sparsity: bool, probe_token
     return info
 
 
+def _default_keep_sparsity(modules: list[tuple[str, ElasticLoRALinear]]) -> bool:
+    """``keep_sparsity=None``: True where that loses nothing, else a ValueError (no change).
+
+    ``sparse_adapter=True`` updates are already masked, and masking a dense update by a map
+    without zeros drops nothing; a dense update on a map with zeros leaves a real choice.
+    """
+    dense = [name for name, m in modules
+             if not m.sparse_adapter and bool((m.base_weight() == 0).any())]
+    if not dense:
+        return True
+    raise ValueError(
+        f"merge_adapters: {len(dense)} of {len(modules)} adapters were trained dense "
+        f"(sparse_adapter=False) on maps with zeros (e.g. {dense[0]!r}), so no merge is both "
+        "exact and sparse, and nothing was changed. Choose: keep_sparsity=True keeps every "
+        "zero of the base but masks the update (sparse but lossy: the merged model differs "
+        "from the adapted one, and a warning measures by how much); keep_sparsity=False adds "
+        "the whole update (exact but dense: the merged maps lose their zeros). Or keep the "
+        "sub-adapter unmerged: use the adapted model as it is, save_adapter(model, d), or "
+        "export_peft(model, d) for stock PEFT. Adapters trained with sparse_adapter=True "
+        "merge exactly and sparse by default.")
+
+
+def _storage(t: torch.Tensor) -> tuple[str, int]:
+    """Where a tensor's data lives: tensors that share it (views included) share the key."""
+    try:
+        return str(t.device), t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage
+        return "object", id(t)
+
+
+def _shared_bases(model: nn.Module, modules: list[tuple[str, ElasticLoRALinear]]):
+    """The adapted maps whose base weight another tensor of ``model`` shares (same storage).
+
+    Merging writes into the base weight, so a sharer would change too. Transformers' tied
+    word embeddings (an adapter on a tied ``lm_head``) can be untied, recorded on the config
+    so that a reload keeps them apart: returns ``[(module name, base layer, sharer name)]``
+    for those. Any other sharing raises ``ValueError`` (nothing has changed yet).
+    """
+    owners: dict[tuple[str, int], list[str]] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:
+        if t.device.type != "meta" and t.numel():  # empty tensors all point at 0
+            owners.setdefault(_storage(t), []).append(n)
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    config = getattr(model, "config", None)
+    untie = []
+    for name, m in modules:
+        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        weight = m.base_layer.weight
+        sharers = [] if weight.device.type == "meta" else [
+            n for n in owners.get(_storage(weight), []) if n != own]
+        if not sharers:
+            continue
+        plain = f"{name}.weight" if name else "weight"  # its name once merged
+        partners = {v for k, v in tied.items() if k == plain} | {k for k, v in tied.items()
+                                                                  if v == plain}
+        others = {k: v for k, v in tied.items() if plain not in (k, v)}
+        if (len(sharers) == 1 and sharers[0] in partners and not others
+                and getattr(config, "tie_word_embeddings", False)):
+            untie.append((name, m.base_layer, sharers[0]))
+            continue
+        raise ValueError(
+            f"{name}: its base weight is shared with {sharers}, so merging the adapter would "
+            "change them too; nothing was changed. merge_adapters unties only transformers' "
+            "tied word embeddings (config.tie_word_embeddings, no other tie in the model). "
+            "Untie the weight yourself (give the module its own nn.Parameter) or keep the "
+            "adapter unmerged.")
+    return untie
+
+
+def _untie(model: nn.Module, untie: list) -> None:
+    """Give each base layer of ``untie`` its own copy of the shared weight, and record it:
+    ``tie_word_embeddings=False`` so that ``tie_weights`` and a reload keep it untied."""
+    for _, base, _ in untie:
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    if untie:
+        model.config.tie_word_embeddings = False
+        model.all_tied_weights_keys = {}  # transformers' mapping; it held only this tie
+
+
 def _restore_requires_grad(model: nn.Module) -> None:
     """Give every parameter back the requires_grad recorded by add_elastic_lora."""
     for owner in model.modules():
@@ -108,7 +192,7 @@ def merge_adapters(
     model: nn.Module,
     config: Mapping[str, int] | None = None,
     *,
-    keep_sparsity: bool = True,
+    keep_sparsity: bool | None = None,
     probe_tokens: int = 64,
 ) -> nn.Module:
     """Merge the sub-adapter of ``config`` into the base and remove every adapter, in place.
@@ -116,24 +200,29 @@ def merge_adapters(
     Each ``ElasticLoRALinear`` is replaced by its ``base_layer``, whose weight becomes
     ``base + delta`` of the active sub-adapter in the base's dtype (the sum is formed in
     fp32). Every parameter's ``requires_grad`` returns to what it was before
-    ``add_elastic_lora``.
+    ``add_elastic_lora``. Everything is checked before the model changes.
 
     Args:
         model: a model carrying elastic adapters.
         config: group -> rank to activate first; ``None`` keeps the active configuration, a
             partial one changes only its groups. Validated before anything changes
             (``KeyError`` for an unknown group, ``ValueError`` for a rank outside its list).
-        keep_sparsity: keep every zero of the base. Exact for ``sparse_adapter=True``
-            adapters (their update is already masked); a dense adapter's update is masked
-            too, and a warning gives, on a probe ``X`` (:func:`probe_input`), the relative
-            change of the merged layers' outputs ``||X (delta * (W == 0))^T|| /
-            ||X (W + delta)^T||`` and the share of the update removed ``||X (delta *
-            (W == 0))^T|| / ||X delta^T||``, mean and max over the masked layers. The first
-            is small when the update is small next to W; the second says how much of what
-            the adapters learned was cut. ``False`` adds the
-            update everywhere and warns with the merged maps' sparsity before and after
-            when zeros were lost.
-        probe_tokens: rows of the Gaussian probe behind that warning.
+        keep_sparsity: ``None`` (default) merges exactly and keeps every zero where both are
+            possible: adapters trained with ``sparse_adapter=True`` (their update is already
+            masked), or dense ones on maps without zeros. Dense adapters on a sparse base
+            raise ``ValueError`` naming the choices, and nothing changes. ``True`` keeps
+            every zero and masks a dense update too, with a warning that gives, on a probe
+            ``X`` (:func:`probe_input`), the relative change of the merged layers' outputs
+            ``||X (delta * (W == 0))^T|| / ||X (W + delta)^T||`` and the share of the update
+            removed ``||X (delta * (W == 0))^T|| / ||X delta^T||``, mean and max over the
+            masked layers. ``False`` adds the whole update (exact, but the base loses its
+            zeros) and warns with the merged maps' sparsity before and after.
+        probe_tokens: rows of the Gaussian probe behind the ``keep_sparsity=True`` warning.
+
+    An adapted ``lm_head`` whose weight is tied to the input embeddings gets its own weight
+    (the embeddings keep theirs) and ``config.tie_word_embeddings`` becomes False, so that
+    ``save_pretrained`` + ``from_pretrained`` keep them apart; a base weight shared in any
+    other way raises ``ValueError``.
 
     Returns:
         The model, without any shears module (a top-level adapter returns its base layer).
@@ -141,8 +230,13 @@ def merge_adapters(
     modules = list(elastic_modules(model))
     if not modules:
         raise ValueError("the model carries no elastic LoRA adapters; nothing to merge")
+    # Checks only, up to set_config (which validates the whole config before applying it).
+    if keep_sparsity is None:
+        keep_sparsity = _default_keep_sparsity(modules)
+    untie = _shared_bases(model, modules)
     if config is not None:
-        set_config(model, config)  # validates the whole config before changing anything
+        set_config(model, config)
+    _untie(model, untie)
     merged = []
     for name, m in modules:
         merged.append(_merge_one(name, m, keep_sparsity, probe_tokens))
@@ -153,6 +247,8 @@ def merge_adapters(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.base_layer)
     _restore_requires_grad(model)
+    for _, base, sharer in untie:  # the copy trains as the shared weight did
+        base.weight.requires_grad_(model.get_parameter(sharer).requires_grad)
     clear_adapter_metadata(model)  # config.json must not describe adapters that are gone
     _warn(merged, keep_sparsity, probe_tokens)
     return model

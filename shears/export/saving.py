@@ -1,8 +1,10 @@
 """Save and load a trained super-adapter: one JSON file and one safetensors file, no pickle.
 
 ``super_adapter_config.json`` holds what ``add_elastic_lora`` needs to rebuild the adapters
-(targets, ranks, alpha, dropout, groups, sparse_adapter, rank_mode) and the active
-configuration (files written before ``rank_mode`` existed load in ``"slice"`` mode);
+(targets, ranks, alpha, dropout, groups, sparse_adapter, rank_mode), the active
+configuration and a fingerprint of the base (``base_fingerprint``, see
+``shears.adapters.metadata``) (files written before ``rank_mode`` existed load in
+``"slice"`` mode, files without a fingerprint load unchecked);
 ``super_adapter.safetensors`` holds ``<module>.lora_A`` (r_max, in) and ``<module>.lora_B``
 (out, r_max) in fp32. The base model is not saved: load onto the same (pruned) base.
 
@@ -29,6 +31,7 @@ except ImportError:  # pragma: no cover
     DTensor = ()
 
 from shears.adapters import (
+    ElasticLoRALinear,
     adapter_layout,
     add_elastic_lora,
     elastic_modules,
@@ -36,9 +39,17 @@ from shears.adapters import (
     set_config,
     validate_config,
 )
-from shears.adapters.metadata import FORMAT, FORMAT_VERSION
+from shears.adapters.metadata import (
+    FINGERPRINT_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    fingerprint_difference,
+    weight_fingerprint,
+)
+from shears.pruning.layers import weight_matrix
 
 from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
+from .layout import check_layout, relative_to
 
 CONFIG_NAME = "super_adapter_config.json"
 WEIGHTS_NAME = "super_adapter.safetensors"
@@ -85,25 +96,36 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _attach(model: nn.Module, meta: dict[str, Any]) -> None:
-    """Apply add_elastic_lora exactly as saved, or check that the model already matches."""
-    present = [name for name, _ in elastic_modules(model)]
-    if not present:
+    """Apply add_elastic_lora exactly as saved, unless the model carries adapters already
+    (``check_layout`` has compared them with ``meta``)."""
+    if not any(True for _ in elastic_modules(model)):
         exact = "|".join(re.escape(t) for t in meta["targets"])
         add_elastic_lora(model, exact, ranks=meta["ranks"], alpha=meta["alpha"],
                          dropout=meta["dropout"], groups=meta["groups"].__getitem__,
                          sparse_adapter=meta["sparse_adapter"],
                          rank_mode=meta.get("rank_mode", "slice"))  # absent before rank_mode
-        present = [name for name, _ in elastic_modules(model)]
-    missing = sorted(set(meta["targets"]) - set(present))
-    extra = sorted(set(present) - set(meta["targets"]))
-    if missing or extra:
-        raise ValueError(f"the model's adapters do not match the saved ones: missing {missing[:4]},"
-                         f" unexpected {extra[:4]}")
-    for name, m in elastic_modules(model):
-        saved = (tuple(meta["ranks"]), float(meta["alpha"]), meta["groups"][name])
-        if (m.ranks, m.alpha, m.group if m.group is not None else name) != saved:
-            raise ValueError(f"adapter {name} has ranks/alpha/group {m.ranks, m.alpha, m.group}, "
-                             f"saved {saved}")
+    present = [name for name, _ in elastic_modules(model)]
+    if sorted(present) != sorted(meta["targets"]):
+        raise ValueError(f"the model's adapters do not match the saved ones: missing "
+                         f"{sorted(set(meta['targets']) - set(present))[:4]}, unexpected "
+                         f"{sorted(set(present) - set(meta['targets']))[:4]}")
+
+
+def _check_base(model: nn.Module, meta: dict[str, Any]) -> None:
+    """The model's base against the fingerprint saved with the adapters (none in files
+    written before it existed); ``ValueError`` naming the module and what differs."""
+    fingerprints = meta.get(FINGERPRINT_KEY) or {}
+    for name in [t for t in meta["targets"] if t in fingerprints]:  # config.json sorts keys
+        saved = fingerprints[name]
+        module = model.get_submodule(name)
+        w = module.base_weight() if isinstance(module, ElasticLoRALinear) else weight_matrix(
+            module)
+        have = weight_fingerprint(w)
+        problem = None if have is None else fingerprint_difference(saved, have)
+        if problem:
+            raise ValueError(f"{name}: this base is not the one the adapters were saved with: "
+                             f"{problem}. Load onto the base they were trained on (the same "
+                             "pruned model), or pass check_base=False to load anyway.")
 
 
 def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
@@ -138,15 +160,22 @@ def _read_saved_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torc
     return meta, tensors
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True
+) -> nn.Module:
     """Attach the saved super-adapter to ``model`` in place and activate the saved config.
 
     ``directory`` was written by ``save_adapter``, or by ``save_pretrained`` (or a
     ``Trainer`` checkpoint) of a model carrying adapters; when it holds both, the
     ``save_adapter`` files are read. ``model`` is the base the adapter was trained on
     (without adapters, e.g. ``AutoModelForCausalLM.from_pretrained(directory)``, or with
-    adapters of the same layout, whose weights are then overwritten). Shapes, tensors and
-    the configuration are checked strictly before the model changes.
+    adapters of the same layout, whose weights are then overwritten), or a module of it or a
+    model containing it: saved module names are matched by one prefix added or removed.
+    Checked before the model changes: tensors and shapes; an adapted model's layout, every
+    field (targets, ranks, alpha, dropout, sparse_adapter, groups, shapes; its own
+    ``rank_mode`` is kept, as it does not change the maths); the configuration; and, with
+    ``check_base``, the base against the fingerprint saved with the adapters (zero count and
+    a sample checksum per map; files saved without one skip it).
     """
     directory = Path(directory)
     if (directory / CONFIG_NAME).is_file():
@@ -156,9 +185,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     else:
         raise FileNotFoundError(f"no {CONFIG_NAME} (save_adapter) and no {HF_CONFIG_NAME} "
                                 f"(save_pretrained) in {directory}")
+    meta, tensors = relative_to(model, meta, tensors)  # names as ``model`` has them
     _check_shapes(model, meta, tensors)  # everything is checked before the model changes
     space = {g: sorted(meta["ranks"], reverse=True) for g in meta["groups"].values()}
     validate_config(space, meta["config"])
+    check_layout(model, meta)
+    if check_base:
+        _check_base(model, meta)
     _attach(model, meta)
     for name, m in elastic_modules(model):
         with torch.no_grad():
