@@ -17,6 +17,7 @@ two modes can run as two processes:
 
 with reproduce.py's budget flags (docs/results.md, "NLS sampling: per step or per
 micro-batch"). Each mode writes ``<out>/<mode>/losses.json``; a finished mode is skipped.
+``--report DIR [DIR ...]`` prints the markdown table of finished output folders.
 """
 
 from __future__ import annotations
@@ -85,8 +86,31 @@ def measure(model, tok, args, mode: str, train_ds, held_out: dict, out: Path) ->
             "optimizer_steps": log["optimizer_steps"], "log_history": log["log_history"]}
 
 
+def report(folders: list[str]) -> str:
+    """Markdown rows: per folder and sub-adapter, both modes' losses and their difference."""
+    lines = ["| run | sub-adapter | held-out set (records) | `step` | `micro_batch` | "
+             "micro_batch - step |", "|---|---|---|---|---|---|"]
+    for folder in folders:
+        runs = {m: rp.read_json(Path(folder) / m / "losses.json") for m in ("step", "micro_batch")}
+        if None in runs.values():
+            continue
+        step, micro = runs["step"], runs["micro_batch"]
+        for name in NAMED:
+            for held_out, n in step["records"].items():
+                if held_out == "train":
+                    continue
+                a, b = step["losses"][name][held_out], micro["losses"][name][held_out]
+                lines.append(f"| {Path(folder).name} | {name} | {held_out} ({n}) | {a:.4f} | "
+                             f"{b:.4f} | {b - a:+.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    rest, modes, extra = split_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--report":
+        print(report(argv[1:]))
+        return
+    rest, modes, extra = split_args(argv)
     args = rp.parse_args(rest)
     out = Path(args.out or rp.REPO / "outputs" / "nls-sample-every")
     out.mkdir(parents=True, exist_ok=True)
