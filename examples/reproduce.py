@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, default=100, help="capped at 10%% of the steps")
     g.add_argument("--records", type=int, default=0, help="training records (0: all)")
     g.add_argument("--val-records", type=int, default=128, help="validation slice for the search")
+    g.add_argument("--nls-sample-every", choices=["step", "micro_batch"], default="micro_batch",
+                   help="NLS draws a sub-adapter per micro-batch (the authors') or per "
+                   "optimizer step")
     g = p.add_argument_group("search")
     g.add_argument("--budget", type=int, default=50, help="evaluations per search")
     g.add_argument("--population", type=int, default=10, help="R-NSGA-II population")
@@ -398,10 +401,12 @@ def train_adapter(model, tok, ranks: tuple[int, ...], train_ds, args, device, dt
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
     )
     trainer = shears.NLSTrainer(model=model, args=training_args, train_dataset=train_ds,
-                                data_collator=InstructionCollator(tok), nls_seed=args.seed)
+                                data_collator=InstructionCollator(tok), nls_seed=args.seed,
+                                nls_sample_every=args.nls_sample_every)
     trainer.train()
     model.eval()
-    log = {"ranks": list(ranks), "optimizer_steps": trainer.state.global_step,
+    log = {"ranks": list(ranks), "nls_sample_every": args.nls_sample_every,
+           "optimizer_steps": trainer.state.global_step,
            "records_seen": trainer.state.global_step * args.batch_size,
            "log_history": trainer.state.log_history,
            "rank_counts": trainer.nls_history.rank_counts() if len(ranks) > 1 else None}

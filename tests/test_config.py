@@ -53,7 +53,9 @@ def test_paper_grouping_and_layer_grouping():
     assert fn("model.layers.3.self_attn.k_proj") == "model.layers.3.self_attn.qkv_proj"
     assert fn("k_proj") == "qkv_proj"
     assert fn("model.layers.3.attn.xq_proj") == "model.layers.3.attn.xq_proj"  # not a Q/K/V
-    assert fn("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.up_proj"
+    assert fn("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
+    up = "model.layers.3.mlp.up_proj"
+    assert group_function("qkv", [up])(up) == up  # no gate adapted: alone, as before
     m = add_elastic_lora(make_tiny("llama"), TARGETS, ranks=[16, 8], groups="layer")
     assert list(search_space(m)) == ["model.layers.0", "model.layers.1"]
     set_config(m, {"model.layers.1": 8})
@@ -132,3 +134,55 @@ def test_adapter_parameters_formula(model):
 def test_no_adapters_is_a_clear_error():
     with pytest.raises(ValueError, match="add_elastic_lora"):
         search_space(make_tiny("llama"))
+
+
+def groups_of(model) -> dict[str, list[str]]:
+    """Group key -> the adapted modules' qualified names, read off the modules."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "active_rank"):
+            out.setdefault(module.group, []).append(name)
+    return out
+
+
+def test_qkv_ties_up_and_gate_when_both_are_adapted():
+    """The authors' nncf_shears_llama_with_gate_proj.json: [q, k, v], [up, gate], [down]."""
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    m = add_elastic_lora(make_tiny("llama"), targets, ranks=[16, 8], groups="qkv")
+    expected = {}
+    for i in range(2):
+        b = f"model.layers.{i}"
+        expected[f"{b}.self_attn.qkv_proj"] = [f"{b}.self_attn.{p}_proj" for p in "qkv"]
+        expected[f"{b}.mlp.gate_up_proj"] = [f"{b}.mlp.gate_proj", f"{b}.mlp.up_proj"]
+        expected[f"{b}.mlp.down_proj"] = [f"{b}.mlp.down_proj"]
+    assert groups_of(m) == expected
+    assert list(search_space(m)) == list(expected)  # 3 groups per block, in module order
+    set_config(m, {"model.layers.1.mlp.gate_up_proj": 8})
+    mlp = m.model.layers[1].mlp
+    assert (mlp.gate_proj.active_rank, mlp.up_proj.active_rank) == (8, 8)
+    assert mlp.down_proj.active_rank == 16
+
+
+def test_qkv_leaves_up_or_gate_alone_without_its_partner():
+    for alone in ("up_proj", "gate_proj"):
+        m = add_elastic_lora(make_tiny("llama"), ["q_proj", "v_proj", alone, "down_proj"],
+                             ranks=[16, 8], groups="qkv")
+        expected = {}
+        for i in range(2):
+            b = f"model.layers.{i}"
+            expected[f"{b}.self_attn.qkv_proj"] = [f"{b}.self_attn.q_proj",
+                                                   f"{b}.self_attn.v_proj"]
+            expected[f"{b}.mlp.{alone}"] = [f"{b}.mlp.{alone}"]
+            expected[f"{b}.mlp.down_proj"] = [f"{b}.mlp.down_proj"]
+        assert groups_of(m) == expected, alone
+    # Only block 0's gate is adapted next to every up: block 0 ties them, block 1 does not.
+    m = add_elastic_lora(make_tiny("llama"), r"model\.layers\.(0\.mlp\.gate|\d\.mlp\.up)_proj",
+                         ranks=[16, 8], groups="qkv")
+    assert groups_of(m) == {
+        "model.layers.0.mlp.gate_up_proj": ["model.layers.0.mlp.gate_proj",
+                                            "model.layers.0.mlp.up_proj"],
+        "model.layers.1.mlp.up_proj": ["model.layers.1.mlp.up_proj"]}
+    fn = group_function("qkv", ["model.layers.3.mlp.up_proj", "model.layers.3.mlp.gate_proj"])
+    assert fn("model.layers.3.mlp.gate_proj") == "model.layers.3.mlp.gate_up_proj"
+    assert fn("model.layers.4.mlp.gate_proj") == "model.layers.4.mlp.gate_proj"  # no partner
+    assert fn("model.layers.3.mlp.xup_proj") == "model.layers.3.mlp.xup_proj"

@@ -31,7 +31,8 @@ def adapted(seed=0, **kw):
 
 
 def trainer_for(tmp_path, model=None, data=None, **kw):
-    nls = {k: kw.pop(k) for k in ("nls_sampler", "nls_seed", "eval_config") if k in kw}
+    nls = {k: kw.pop(k) for k in ("nls_sampler", "nls_seed", "eval_config", "nls_sample_every")
+           if k in kw}
     return NLSTrainer(model=model if model is not None else adapted(), args=args(tmp_path, **kw),
                       train_dataset=data or dataset(), **nls)
 

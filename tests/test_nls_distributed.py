@@ -1,4 +1,4 @@
-"""Two torchrun processes (gloo) draw the same sub-adapter at every NLS step."""
+"""Two torchrun processes (gloo) draw the same sub-adapter at every NLS step or micro-batch."""
 
 import os
 import subprocess
@@ -21,4 +21,7 @@ def test_two_processes_draw_identical_configs():
     # About 20 s: two processes each start Python, torch and transformers.
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "NLS-DISTRIBUTED-OK" in out.stdout
-    assert "rank 1: same configs True, same adapter weights True" in out.stdout
+    for every in ("step", "micro_batch"):  # both sampling modes, one after the other
+        part = out.stdout.split(f"nls_sample_every={every}:")[1]
+        assert part.split("\n")[1].startswith(
+            "rank 1: same configs True, same adapter weights True"), out.stdout

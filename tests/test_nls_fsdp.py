@@ -32,7 +32,7 @@ def test_fsdp2_matches_single_process(tmp_path):
     expected = ["cpu_fallback", "slicing[reshard_after_forward=True,base=float32]",
                 "slicing[reshard_after_forward=False,base=float32]",
                 "slicing[reshard_after_forward=True,base=bfloat16]", "configs", "gradients",
-                "weights", "checkpoints", "save_adapter"]
+                "weights", "checkpoints", "save_adapter", "micro_batch"]
     assert {name: checks.get(name) for name in expected} == dict.fromkeys(expected, "ok"), \
         out.stdout[-4000:]
     assert "NLS-FSDP-OK" in out.stdout

@@ -40,16 +40,17 @@ def test_the_counter_sees_calls_from_shears_only(monkeypatch):
     assert counts["item"] == 1
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_host_reads_do_not_grow_with_steps(tmp_path, monkeypatch, accumulation):
+@pytest.mark.parametrize("accumulation,every", [(1, "step"), (2, "step"), (2, "micro_batch")])
+def test_host_reads_do_not_grow_with_steps(tmp_path, monkeypatch, accumulation, every):
     """The issue's criterion: logging off, N = 3 and N = 9 steps, same count from shears."""
     def reads(steps):
         trainer = trainer_for(tmp_path, max_steps=steps, logging_strategy="no",
-                              gradient_accumulation_steps=accumulation)
+                              gradient_accumulation_steps=accumulation, nls_sample_every=every)
         with monkeypatch.context() as m:
             counts = count_host_reads_from_shears(m)
             trainer.train()
-        assert len(trainer.nls_history) == steps  # read after the patch: not counted
+        records = steps * (accumulation if every == "micro_batch" else 1)
+        assert len(trainer.nls_history) == records  # read after the patch: not counted
         return counts
 
     few, many = reads(3), reads(9)

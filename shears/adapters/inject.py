@@ -13,6 +13,8 @@ from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
 _QKV = re.compile(r"(?<![^.])[qkv]_proj$")  # a whole last name component q/k/v_proj
+_UP_GATE = re.compile(r"(?<![^.])(up|gate)_proj$")  # ... up_proj or gate_proj
+_PARTNER = {"up": "gate_proj", "gate": "up_proj"}
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
 # Attribute of the model holding {parameter name: requires_grad} as it was before the adapters
 # froze everything, so that a merge (shears.export.merge_adapters) can give it back.
@@ -47,17 +49,19 @@ def match_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list
     return matched
 
 
-def group_function(groups: GroupSpec) -> Callable[[str], str]:
+def group_function(groups: GroupSpec, names: Sequence[str] | None = None) -> Callable[[str], str]:
     """Turn ``"module"``, ``"qkv"``, ``"layer"`` or a callable into a name -> group-key
-    function."""
+    function.
+
+    ``names``: the qualified names being adapted. ``"qkv"`` ties a block's ``up_proj`` and
+    ``gate_proj`` only when both are among them (``None``: assume they are).
+    """
     if callable(groups):
         return groups
     if groups == "module":
         return lambda name: name
     if groups == "qkv":
-        # The paper's grouping: Q, K and V of a block share one rank ("...self_attn.qkv_proj");
-        # every other adapter (Up, Gate, Down, O, ...) is its own group.
-        return lambda name: _QKV.sub("qkv_proj", name)
+        return _paper_groups(None if names is None else set(names))
     if groups == "layer":
         # Every adapter inside one decoder block (the first numbered path component) shares
         # one rank variable; a module outside any block is its own group.
@@ -67,6 +71,25 @@ def group_function(groups: GroupSpec) -> Callable[[str], str]:
 
         return by_block
     raise ValueError(f"groups must be 'module', 'qkv', 'layer' or a callable, got {groups!r}")
+
+
+def _paper_groups(names: set[str] | None) -> Callable[[str], str]:
+    """The paper's grouping (the authors' nncf_shears_llama.json and, when gate is adapted,
+    nncf_shears_llama_with_gate_proj.json): Q, K and V of a block share one rank
+    ("...self_attn.qkv_proj"); Up and Gate of a block share one ("...mlp.gate_up_proj", the
+    name of the fused map in Phi-3) when both are adapted, else each stays alone; every
+    other adapter (Down, O, ...) is its own group."""
+
+    def key(name: str) -> str:
+        if _QKV.search(name):
+            return _QKV.sub("qkv_proj", name)
+        m = _UP_GATE.search(name)
+        if m is None:
+            return name
+        partner = name[: m.start()] + _PARTNER[m.group(1)]
+        return name[: m.start()] + "gate_up_proj" if names is None or partner in names else name
+
+    return key
 
 
 def add_elastic_lora(
@@ -92,7 +115,8 @@ def add_elastic_lora(
         dropout: dropout probability on the adapter input, in [0, 1).
         groups: which adapters share one rank variable: ``"module"`` (each its own),
             ``"qkv"`` (the paper's grouping: ``q_proj``, ``k_proj`` and ``v_proj`` of a
-            block share one rank, every other adapter is its own group), ``"layer"`` (one
+            block share one rank, so do ``up_proj`` and ``gate_proj`` when both are
+            adapted, every other adapter is its own group), ``"layer"`` (one
             per decoder block) or a callable qualified-name -> group key.
         sparse_adapter: mask the update with the base weight's non-zeros (see
             ``ElasticLoRALinear``).
@@ -113,8 +137,8 @@ def add_elastic_lora(
     check_alpha_dropout(alpha, dropout)
     if rank_mode not in RANK_MODES:
         raise ValueError(f"rank_mode must be one of {list(RANK_MODES)}, got {rank_mode!r}")
-    group_fn = group_function(groups)
     names = match_targets(model, target_modules)
+    group_fn = group_function(groups, names)
     plan = []
     for name in names:  # validate everything before swapping anything
         base = model.get_submodule(name)

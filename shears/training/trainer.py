@@ -1,8 +1,9 @@
 """NLSTrainer: a ``transformers.Trainer`` that trains an elastic super-adapter with NLS.
 
-Neural Low-rank adapter Search: before every optimizer step a sampler picks one rank per
-adapter group and activates that sub-adapter; forward and backward then run on the sliced
-adapters only. Across steps one set of weights learns the whole family of nested
+Neural Low-rank adapter Search: before every optimizer step (or, with
+``nls_sample_every="micro_batch"``, every micro-batch, as the authors' code) a sampler picks
+one rank per adapter group and activates that sub-adapter; forward and backward then run on
+the sliced adapters only. Across steps one set of weights learns the whole family of nested
 sub-adapters. Everything else is the stock ``Trainer`` (optimizer, schedules, mixed
 precision, gradient accumulation and checkpointing, callbacks, ``report_to``).
 """
@@ -38,6 +39,7 @@ from .history import NLSHistory
 from .samplers import Sampler, get_sampler
 
 NLS_STATE_NAME = "nls_state.json"
+SAMPLE_EVERY = ("step", "micro_batch")
 _NAMED = {"heuristic": heuristic_config, "maximal": maximal_config, "minimal": minimal_config}
 
 
@@ -84,13 +86,20 @@ class NLSTrainer(Trainer):
             Every process seeds it the same way, so all ranks train the same sub-adapter.
         eval_config: the sub-adapter used by ``evaluate``/``predict``: ``"heuristic"``,
             ``"maximal"``, ``"minimal"`` or a complete config dict.
+        nls_sample_every: ``"step"`` (default): one sub-adapter per optimizer step, shared by
+            its micro-batches of gradient accumulation; ``"micro_batch"``: a new draw at the
+            top of every micro-batch, so one update averages the gradients of several
+            sub-adapters (the authors' patched Trainer: NNCF's scheduler steps per
+            micro-batch with ``sample_rate`` 1). The sampler's ``step`` argument is then the
+            micro-batch's index in the run.
 
     Under ``torch.compile`` (``args.torch_compile`` or a model that is, or holds, a compiled
     module) the adapters are switched to ``rank_mode="mask"`` with a warning: sliced ranks
     change tensor shapes, so the compiled model would recompile at every configuration until
     dynamo's recompile limit, then run eagerly (docs/training.md, "torch.compile").
 
-    After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step.
+    After ``train()``, ``trainer.nls_history`` holds the configuration and loss of every step
+    (of every micro-batch under ``"micro_batch"``).
     A step adds no host synchronisation: its loss stays on the device until the history is
     read (by a log, a checkpoint or the user), then all pending losses move in one transfer.
     """
@@ -101,9 +110,14 @@ class NLSTrainer(Trainer):
         nls_sampler: str | Sampler = "uniform",
         nls_seed: int | None = None,
         eval_config: str | Mapping[str, int] = "heuristic",
+        nls_sample_every: str = "step",
         **kwargs: Any,
     ) -> None:
+        if nls_sample_every not in SAMPLE_EVERY:
+            raise ValueError(f"nls_sample_every must be one of {list(SAMPLE_EVERY)}: "
+                             f"{nls_sample_every!r}")
         super().__init__(*args, **kwargs)
+        self.nls_sample_every = nls_sample_every
         _warn_if_fsdp_dropped(self)
         self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
         if self.args.torch_compile or _holds_compiled_module(self.model):
@@ -115,21 +129,23 @@ class NLSTrainer(Trainer):
         self._nls_step: int | None = None  # optimizer step whose config is active
         self._nls_loss: torch.Tensor | None = None  # that step's loss, summed over micro-batches
         self._nls_config: Config = {}
-        self._nls_pending: list[tuple[int, Config, torch.Tensor]] = []  # loss still on device
+        self._nls_micro = 0  # micro-batches trained in this run ("micro_batch" mode)
+        # (step, micro-batch index or None, config, loss still on the device)
+        self._nls_pending: list[tuple[int, int | None, Config, torch.Tensor]] = []
         self.nls_history = NLSHistory()
 
     @property
     def nls_history(self) -> NLSHistory:
-        """One record per finished optimizer step (see ``NLSHistory``).
+        """One record per finished optimizer step, or per micro-batch (see ``NLSHistory``).
 
         Reading it completes the records whose loss is still on the device, all in one
         transfer: the only host synchronisation NLS adds, and only when someone reads.
         """
         self._finish_nls_step()
         if self._nls_pending:
-            losses = torch.stack([loss for _, _, loss in self._nls_pending]).tolist()
-            for (step, config, _), loss in zip(self._nls_pending, losses, strict=True):
-                self._nls_history.append(step, config, loss)
+            losses = torch.stack([loss for *_, loss in self._nls_pending]).tolist()
+            for (step, micro, config, _), loss in zip(self._nls_pending, losses, strict=True):
+                self._nls_history.append(step, config, loss, micro_batch=micro)
             self._nls_pending.clear()
         return self._nls_history
 
@@ -152,7 +168,7 @@ class NLSTrainer(Trainer):
             raise ValueError(f"eval_config lacks {len(missing)} groups, e.g. {missing[:3]}")
         return config
 
-    # ---- one configuration per optimizer step -------------------------------------------
+    # ---- one configuration per optimizer step, or per micro-batch ----------------------------
 
     def training_step(
         self,
@@ -160,13 +176,18 @@ class NLSTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Activate the step's sub-adapter on its first micro-batch, then train as usual.
+        """Activate a sub-adapter, then train as usual: on the first micro-batch of an
+        optimizer step (``"step"``), or on every micro-batch (``"micro_batch"``).
 
-        ``global_step`` only advances after the optimizer step, so every micro-batch of
-        gradient accumulation (and any checkpoint recomputation inside backward) sees the
-        same configuration. The switch reuses the model's cached ``ElasticIndex`` (no walk
-        of the module tree) and nothing here waits for the device.
+        ``global_step`` only advances after the optimizer step, so under ``"step"`` every
+        micro-batch of gradient accumulation sees the same configuration. Either way the
+        configuration is set before ``Trainer.training_step`` runs forward and backward, so
+        gradient-checkpoint recomputation inside backward sees the micro-batch's own. The
+        switch reuses the model's cached ``ElasticIndex`` (no walk of the module tree) and
+        nothing here waits for the device.
         """
+        if self.nls_sample_every == "micro_batch":
+            return self._micro_batch_step(model, inputs, num_items_in_batch)
         step = self.state.global_step
         if self._nls_step != step:
             self._finish_nls_step()
@@ -178,18 +199,42 @@ class NLSTrainer(Trainer):
         self._nls_loss = loss if self._nls_loss is None else self._nls_loss + loss
         return loss
 
+    def _micro_batch_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """One draw, one micro-batch; its record is queued at once (loss on the device).
+
+        The recorded loss is the micro-batch's share of the step's loss times the number of
+        micro-batches in the step (``current_gradient_accumulation_steps``, smaller in an
+        epoch's last, partial window), so that the mean of a step's records is the loss
+        ``Trainer`` logs for the step, and records are comparable with ``"step"`` mode's.
+        """
+        index = self._nls_micro
+        config = self.nls_sampler(self.nls_space, self.nls_rng, index)
+        self._nls_config = elastic_index(self.model).set(config)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        window = getattr(self, "current_gradient_accumulation_steps", None)
+        window = window or self.args.gradient_accumulation_steps
+        self._nls_pending.append((self.state.global_step, index, self._nls_config, loss * window))
+        self._nls_micro = index + 1
+        return loss
+
     def _finish_nls_step(self) -> None:
         """Queue the finished step (config, loss on the device) once; no host synchronisation."""
         if self._nls_loss is None or self._nls_step is None:
             return
         if self.state.global_step <= self._nls_step:
             return  # the step is still accumulating micro-batches
-        self._nls_pending.append((self._nls_step, self._nls_config, self._nls_loss))
+        self._nls_pending.append((self._nls_step, None, self._nls_config, self._nls_loss))
         self._nls_loss = None
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; the sampler's stream continues across calls unless resumed."""
         self._nls_step, self._nls_loss = None, None  # global_step restarts at 0
+        self._nls_micro = 0  # so does the micro-batch index (a resume restores both)
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -242,9 +287,13 @@ class NLSTrainer(Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.args.should_save:  # identical on every process: one JSON file, no pickle
+            # Saved after an optimizer step: the generator has made exactly the draws of the
+            # micro-batches trained so far (an epoch's last window may be partial).
             state = {
                 "nls_seed": self.nls_seed,
                 "rng": self.nls_rng.bit_generator.state,
+                "sample_every": self.nls_sample_every,
+                "micro_batches": self._nls_micro,
                 "history": self.nls_history.to_dict(),
             }
             with open(os.path.join(output_dir, NLS_STATE_NAME), "w") as f:
@@ -257,7 +306,12 @@ class NLSTrainer(Trainer):
             return
         with open(path) as f:
             state = json.load(f)
+        saved_mode = state.get("sample_every", "step")  # files before the switch: "step"
+        if saved_mode != self.nls_sample_every:
+            raise ValueError(f"{path} was trained with nls_sample_every={saved_mode!r}, this "
+                             f"trainer has {self.nls_sample_every!r}: resume with the same mode")
         self.nls_rng.bit_generator.state = state["rng"]
+        self._nls_micro = int(state.get("micro_batches", 0))
         self.nls_history = NLSHistory.from_dict(state["history"])
         self._nls_step, self._nls_loss = None, None
 
