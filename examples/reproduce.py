@@ -31,7 +31,7 @@ On 2 CPU cores, docs/results.md's budget takes about 70 minutes per task (SmolLM
     python examples/reproduce.py --task math --data ../shared/data --out outputs/math \
       --records 640 --epochs 1 --val-records 32 --eval-records 20 --max-new-tokens 128 \
       --budget 16 --population 8 --front-eval 2 --nsamples 32 --calib-seqlen 256 --threads 1 \
-      --num-beams 1 --answer-rule shears
+      --num-beams 1 --answer-rule shears --nls-sample-every step --lr-scheduler linear
 """
 
 from __future__ import annotations
@@ -126,7 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cutoff", type=int, default=256, help="tokens per record")
     g.add_argument("--epochs", type=float, default=3.0)
     g.add_argument("--steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
-    g.add_argument("--warmup-steps", type=int, default=100, help="capped at 10%% of the steps")
+    g.add_argument("--lr-scheduler", choices=["cosine", "linear"], default="cosine",
+                   help="cosine: the authors' (NNCF's cosine to 0, no warm-up; docs/fidelity.md); "
+                        "linear: HF's linear decay after --warmup-steps")
+    g.add_argument("--warmup-steps", type=int, default=100,
+                   help="linear only (the authors' command passes 100, which their patched "
+                        "Trainer ignores); capped at 10%% of the steps")
     g.add_argument("--records", type=int, default=0, help="training records (0: all)")
     g.add_argument("--val-records", type=int, default=128, help="validation slice for the search")
     g.add_argument("--nls-sample-every", choices=["step", "micro_batch"], default="micro_batch",
@@ -193,7 +198,8 @@ class Ledger:
 
 
 # What a folder written before a flag existed ran with (docs/results.md's measured runs).
-SETTINGS_BEFORE_FLAGS = {"num_beams": 1, "answer_rule": "shears"}
+SETTINGS_BEFORE_FLAGS = {"num_beams": 1, "answer_rule": "shears", "nls_sample_every": "step",
+                         "lr_scheduler": "linear"}
 
 
 def check_settings(out: Path, args: argparse.Namespace) -> None:
@@ -395,7 +401,10 @@ def train_adapter(model, tok, ranks: tuple[int, ...], train_ds, args, device, dt
         output_dir=str(folder / "trainer"), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.batch_size // args.micro_batch,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.steps or -1,
-        warmup_steps=min(args.warmup_steps, total // 10), lr_scheduler_type="linear",
+        # The authors' patched Trainer ran NNCF's cosine schedule with no warm-up (their
+        # --warmup_steps was ignored): docs/training.md, "The authors' learning-rate schedule".
+        warmup_steps=0 if args.lr_scheduler == "cosine" else min(args.warmup_steps, total // 10),
+        lr_scheduler_type=args.lr_scheduler,
         optim="adamw_torch", weight_decay=0.0, logging_steps=max(1, total // 20),
         save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,

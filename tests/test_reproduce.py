@@ -88,6 +88,7 @@ def test_smoke_writes_every_output_and_row(smoke):
     assert {"torch", "transformers", "shears"} <= set(saved["versions"])
     assert saved["args"]["nls_sample_every"] == "micro_batch"  # the authors' sampling, default
     assert saved["training"]["NLS"]["nls_sample_every"] == "micro_batch"
+    assert saved["args"]["lr_scheduler"] == "cosine"  # the authors' schedule, no warm-up
     for phase in ("prune", "train: LoRA", "train: NLS", "search: hill-climb"):
         assert saved["phases"][phase]["wall_s"] >= 0 and "cpu_s" in saved["phases"][phase]
     assert results["rows"][0]["row"] == "dense"
