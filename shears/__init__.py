@@ -43,6 +43,7 @@ from shears.export import (
 )
 from shears.pruning import calibration_data, wanda_prune
 from shears.pruning.report import SparsityReport, sparsity_report
+from shears.quantization import quantize_base
 from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
 from shears.training import NLSTrainer
 
@@ -75,6 +76,7 @@ __all__ = [
     "minimal_config",
     "nsga2_search",
     "plot_search",
+    "quantize_base",
     "random_config",
     "save_adapter",
     "search_space",
