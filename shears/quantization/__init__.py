@@ -3,6 +3,7 @@ QA-SparsePEFT (SQFT), built from the ecosystem's parts (the ``quant`` extra)."""
 
 from .grid import dequantize, fake_quantize, fake_quantize_ste, group_scales, quantize
 from .optional import require
+from .qa import qa_linear, qa_merged_weight, qa_weight
 from .quantize import (
     Grid,
     QuantizationReport,
@@ -21,6 +22,9 @@ __all__ = [
     "fake_quantize_ste",
     "grid_of",
     "group_scales",
+    "qa_linear",
+    "qa_merged_weight",
+    "qa_weight",
     "quantize",
     "quantize_base",
     "quantized_modules",
