@@ -9,7 +9,8 @@
    :func:`perplexity`; :func:`format_prompt`, :func:`load_task`, :func:`instruction_dataset`).
 4. The ways out (docs/deploy.md): :func:`export_peft` (a sub-adapter for stock PEFT),
    :func:`merge_adapters` (merged into the sparse base, zeros kept), :func:`to_semi_structured`
-   (2:4 weights on CUDA).
+   (2:4 weights on CUDA), :func:`export_compressed` (INT4 compressed-tensors checkpoint of a
+   model on its :func:`quantize_base` grid, QA-SparsePEFT adapters merged).
 """
 
 from shears.adapters import (
@@ -35,6 +36,7 @@ from shears.evaluation import (
     perplexity,
 )
 from shears.export import (
+    export_compressed,
     export_peft,
     load_adapter,
     merge_adapters,
@@ -61,6 +63,7 @@ __all__ = [
     "calibration_data",
     "evaluate_generation",
     "evaluate_loss",
+    "export_compressed",
     "export_peft",
     "format_prompt",
     "instruction_dataset",
