@@ -1,0 +1,128 @@
+"""INT4 round-to-nearest on the (Wanda-pruned) base: perplexity and disk size, one run.
+
+    python benchmarks/bench_quant.py --data ../shared/data [--windows 40] [--json out.json]
+
+SmolLM2-135M-Instruct, fp32, CPU; the protocol of bench_prune.py (issue #2): WikiText-2
+test tokenized as one string; 32 calibration windows of 256 tokens drawn (seed 0) from the
+second half; perplexity over the first ``--windows`` non-overlapping 512-token windows of
+the first half. Rows: dense, dense + INT4 (group 64, 32), Wanda 50% (shears, batch 1),
+Wanda 50% + INT4 (group 64, 32). SmolLM2's hidden size 576 is not a multiple of 128, so
+group 128 does not apply. Every quantized row is ``quantize_base`` (symmetric, per group,
+round to nearest) on a copy of the same dense or pruned model.
+
+Disk: the Wanda 50% model written three ways (``save_pretrained`` fp32 and bf16, and
+``export_compressed`` of the bf16 model quantized with each group size): the whole
+``model.safetensors`` and the decoder's linear maps alone (read back from the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from shears import export_compressed, quantize_base, wanda_prune
+from shears.evaluation.perplexity import perplexity, wikitext2_ids
+from shears.quantization import quantized_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
+
+GROUPS = (64, 32)
+
+
+def ppl(model, ids, windows: int) -> float:
+    return perplexity(model, ids, 512, max_windows=windows, progress=False)
+
+
+def quantized_rows(name: str, model, ids, windows: int) -> dict[str, float]:
+    rows = {name: ppl(model, ids, windows)}
+    for g in GROUPS:
+        q = copy.deepcopy(model)
+        report = quantize_base(q, bits=4, group_size=g)
+        rows[f"{name} + INT4 g{g}"] = ppl(q, ids, windows)
+        print(f"  {name} + INT4 g{g}: sparsity {report.sparsity_before:.4f} -> "
+              f"{report.sparsity_after:.4f}, relative error {report.relative_error:.4f}",
+              flush=True)
+    return rows
+
+
+def file_bytes(path: Path, decoder: set[str]) -> dict[str, int]:
+    """Bytes of the safetensors file, and of the tensors of the decoder's linear maps."""
+    maps = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.rsplit(".", 1)[0] in decoder:
+                t = f.get_tensor(key)
+                maps += t.numel() * t.element_size()
+    return {"file": path.stat().st_size, "decoder_linear": maps}
+
+
+def disk_sizes(pruned) -> dict[str, dict[str, int]]:
+    decoder = set(quantized_modules(_quantized(pruned, GROUPS[0])))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for label, dtype in (("merged fp32 (save_pretrained)", torch.float32),
+                             ("merged bf16 (save_pretrained)", torch.bfloat16)):
+            m = copy.deepcopy(pruned).to(dtype)
+            m.save_pretrained(tmp / label)
+            out[label] = file_bytes(tmp / label / "model.safetensors", decoder)
+        for g in GROUPS:
+            label = f"INT4 g{g} bf16 (export_compressed)"
+            export_compressed(_quantized(copy.deepcopy(pruned).to(torch.bfloat16), g),
+                              tmp / label)
+            out[label] = file_bytes(tmp / label / "model.safetensors", decoder)
+    return out
+
+
+def _quantized(model, group_size: int):
+    model = copy.deepcopy(model)
+    quantize_base(model, bits=4, group_size=group_size)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="data folder (default $SHEARS_DATA_DIR)")
+    p.add_argument("--windows", type=int, default=40, help="512-token perplexity windows")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    ids = wikitext2_ids(tok, args.data)
+    half = ids.numel() // 2
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(half, ids.numel() - 257, (32,), generator=g)
+    calib = torch.stack([ids[s : s + 256] for s in starts.tolist()])
+    ppl_ids = ids[:half]
+    print(f"WikiText-2 test: {ids.numel()} tokens; calibration {tuple(calib.shape)}; "
+          f"{args.windows} windows; torch threads {torch.get_num_threads()}", flush=True)
+    rows = quantized_rows("dense", model, ppl_ids, args.windows)
+    wanda_prune(model, calib, 0.5, progress=False)
+    rows.update(quantized_rows("Wanda 50%", model, ppl_ids, args.windows))
+    print("| model | WikiText-2 perplexity |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.2f} |")
+    sizes = disk_sizes(model)
+    bf16 = sizes["merged bf16 (save_pretrained)"]
+    print("| way out (Wanda 50%) | model.safetensors | decoder linear maps | vs bf16 maps |\n"
+          "|---|---|---|---|")
+    for label, s in sizes.items():
+        print(f"| {label} | {s['file'] / 2**20:.1f} MiB | {s['decoder_linear'] / 2**20:.1f} MiB"
+              f" | {s['decoder_linear'] / bf16['decoder_linear']:.3f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"perplexity": rows, "disk": sizes,
+                                               "windows": args.windows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
