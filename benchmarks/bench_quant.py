@@ -10,6 +10,11 @@ Wanda 50% + INT4 (group 64, 32). SmolLM2's hidden size 576 is not a multiple of 
 group 128 does not apply. Every quantized row is ``quantize_base`` (symmetric, per group,
 round to nearest) on a copy of the same dense or pruned model.
 
+``--step-time`` instead times one training step (forward + backward, batch 2 x 128 tokens,
+maximal sub-adapter, Q/K/V/Up/Down, magnitude-pruned 50% so that no calibration is needed)
+of ``sparse_adapter=True`` adapters over the fp32 sparse base against the same adapters over
+the INT4 g64 base (QA-SparsePEFT), alternating, median of ``--repeats``, same process.
+
 Disk: the Wanda 50% model written three ways (``save_pretrained`` fp32 and bf16, and
 ``export_compressed`` of the bf16 model quantized with each group size): the whole
 ``model.safetensors`` and the decoder's linear maps alone (read back from the file).
@@ -88,15 +93,52 @@ def _quantized(model, group_size: int):
     return model
 
 
+def step_time(repeats: int) -> dict[str, float]:
+    """Median seconds of one forward + backward, sparse adapters without and with the grid."""
+    import time
+
+    from shears import add_elastic_lora
+
+    base, _ = load_smollm2()
+    wanda_prune(base, method="magnitude", sparsity=0.5, progress=False)
+    models = {"SparsePEFT (fp32 base)": base, "QA-SparsePEFT (INT4 g64 base)": _quantized(base, 64)}
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    for m in models.values():
+        add_elastic_lora(m, targets, groups="qkv", sparse_adapter=True)
+        m.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (2, 128), generator=g)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, m in models.items():
+            start = time.perf_counter()
+            m(input_ids=ids, labels=ids).loss.backward()
+            times[name].append(time.perf_counter() - start)
+            m.zero_grad(set_to_none=True)
+    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    first = next(iter(med))
+    print("| adapters (maximal, Q/K/V/Up/Down) | step (fwd + bwd) | vs SparsePEFT |\n|---|---|---|")
+    for name, t in med.items():
+        print(f"| {name} | {t:.3f} s | {t / med[first]:.3f}x |")
+    return med
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="data folder (default $SHEARS_DATA_DIR)")
     p.add_argument("--windows", type=int, default=40, help="512-token perplexity windows")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--step-time", action="store_true", help="time a QA training step only")
+    p.add_argument("--repeats", type=int, default=5, help="--step-time: timed rounds")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step_time:
+        med = step_time(args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(med, indent=2))
+        return
     model, tok = load_smollm2()
     ids = wikitext2_ids(tok, args.data)
     half = ids.numel() // 2
