@@ -124,3 +124,20 @@ def test_bf16_base_merges_on_the_grid():
         assert w.dtype == s.dtype == torch.bfloat16
         q = torch.round(w.float() / s.float().repeat_interleave(32, 1))
         assert torch.equal((q * s.float().repeat_interleave(32, 1)).bfloat16(), w)
+
+
+def test_saved_base_requantized_takes_the_saved_adapter(tmp_path):
+    """save_pretrained drops the scales; quantize_base on the reloaded on-grid base finds
+    the grid again, and load_adapter gives back the same QA model."""
+    import transformers as T
+
+    model = qa_model()
+    ids = random_ids()
+    with torch.no_grad():
+        adapted = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt")  # on-grid base + super-adapter, no scales
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    shears.quantize_base(again, group_size=32)
+    shears.load_adapter(again, tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, adapted, rtol=1e-5, atol=1e-5)
