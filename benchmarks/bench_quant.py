@@ -15,6 +15,13 @@ maximal sub-adapter, Q/K/V/Up/Down, magnitude-pruned 50% so that no calibration 
 of ``sparse_adapter=True`` adapters over the fp32 sparse base against the same adapters over
 the INT4 g64 base (QA-SparsePEFT), alternating, median of ``--repeats``, same process.
 
+``--qa-loss`` instead compares, at one NLS budget (same data, steps, seed; sparse adapters,
+Q/K/V/Up/Down, ranks 32/24/16, groups "qkv", lr 3e-4, LLM-Adapters math_data.json, the
+heuristic sub-adapter), the held-out loss of (a) adapters trained on the fp32 Wanda base,
+merged, then quantized after the fact (INT4 g64), and (b) QA-SparsePEFT: quantized first,
+trained on the grid, merged; with the Wanda base and the Wanda + INT4 base as references.
+This is SQFT's claim that (b) recovers what (a) loses.
+
 Disk: the Wanda 50% model written three ways (``save_pretrained`` fp32 and bf16, and
 ``export_compressed`` of the bf16 model quantized with each group size): the whole
 ``model.safetensors`` and the decoder's linear maps alone (read back from the file).
@@ -123,6 +130,39 @@ def step_time(repeats: int) -> dict[str, float]:
     return med
 
 
+def qa_loss(model, tok, args) -> dict[str, float]:
+    """Held-out loss of (a) merge-then-quantize and (b) QA-SparsePEFT, one NLS budget."""
+    import sqft  # examples/sqft.py: its train() is the QA-NLS of the example
+
+    from shears import heuristic_config, merge_adapters
+    from shears.evaluation import evaluate_loss, instruction_dataset
+    from shears.evaluation.paths import data_dir
+
+    records = json.loads((data_dir(args.data) / "llm-adapters" / "math_data.json").read_text())
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+    train = [records[i] for i in order[: args.records]]
+    val = instruction_dataset([records[i] for i in order[-32:]], tok, cutoff_len=args.cutoff)
+    nls = argparse.Namespace(ranks=[32, 24, 16], micro_batch=4, batch_size=8,
+                             steps=args.steps, cutoff=args.cutoff)
+    rows = {"Wanda 50%": evaluate_loss(model, val)}
+    rows["Wanda 50% + INT4 g64"] = evaluate_loss(_quantized(model, 64), val)
+    for label, first_quantize in (("(a) sparse adapters, merged, then INT4 g64", False),
+                                  ("(b) QA-SparsePEFT on INT4 g64, merged", True)):
+        m = _quantized(model, 64) if first_quantize else copy.deepcopy(model)
+        torch.manual_seed(0)  # same adapter initialisation for both
+        with tempfile.TemporaryDirectory() as tmp:
+            sqft.train(m, tok, train, nls, Path(tmp))
+        merge_adapters(m, heuristic_config(m))
+        if not first_quantize:
+            rows[label.split(",")[0] + ", merged (fp32)"] = evaluate_loss(m, val)
+            quantize_base(m, bits=4, group_size=64)
+        rows[label] = evaluate_loss(m, val)
+    print(f"| held-out loss ({args.steps} NLS steps of 8, {len(val)} records) | value |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.4f} |", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="data folder (default $SHEARS_DATA_DIR)")
@@ -131,6 +171,10 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--step-time", action="store_true", help="time a QA training step only")
     p.add_argument("--repeats", type=int, default=5, help="--step-time: timed rounds")
+    p.add_argument("--qa-loss", action="store_true", help="(a) vs (b) held-out loss only")
+    p.add_argument("--steps", type=int, default=16, help="--qa-loss: optimizer steps")
+    p.add_argument("--records", type=int, default=256, help="--qa-loss: training records")
+    p.add_argument("--cutoff", type=int, default=128, help="--qa-loss: tokens per record")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,6 +192,12 @@ def main() -> None:
     ppl_ids = ids[:half]
     print(f"WikiText-2 test: {ids.numel()} tokens; calibration {tuple(calib.shape)}; "
           f"{args.windows} windows; torch threads {torch.get_num_threads()}", flush=True)
+    if args.qa_loss:
+        wanda_prune(model, calib, 0.5, progress=False)
+        rows = qa_loss(model, tok, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     rows = quantized_rows("dense", model, ppl_ids, args.windows)
     wanda_prune(model, calib, 0.5, progress=False)
     rows.update(quantized_rows("Wanda 50%", model, ppl_ids, args.windows))

@@ -93,8 +93,9 @@ def train(model, tok, records, args, out: Path) -> None:
         model=model, args=training_args, data_collator=InstructionCollator(tok),
         train_dataset=instruction_dataset(records, tok, cutoff_len=args.cutoff))
     trainer.train()
-    print(f"[3] QA-NLS: {trainer.state.global_step} optimizer steps over "
-          f"{len(shears.search_space(model))} adapter groups, sparse adapters on the INT4 grid")
+    where = "on the INT4 grid (QA)" if quantized_modules(model) else "on the unquantized base"
+    print(f"[3] NLS: {trainer.state.global_step} optimizer steps over "
+          f"{len(shears.search_space(model))} adapter groups, sparse adapters {where}")
 
 
 def search(model, tok, records, args) -> dict[str, int]:
