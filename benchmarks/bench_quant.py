@@ -53,9 +53,9 @@ def ppl(model, ids, windows: int) -> float:
     return perplexity(model, ids, 512, max_windows=windows, progress=False)
 
 
-def quantized_rows(name: str, model, ids, windows: int) -> dict[str, float]:
+def quantized_rows(name: str, model, ids, windows: int, groups=GROUPS) -> dict[str, float]:
     rows = {name: ppl(model, ids, windows)}
-    for g in GROUPS:
+    for g in groups:
         q = copy.deepcopy(model)
         report = quantize_base(q, bits=4, group_size=g)
         rows[f"{name} + INT4 g{g}"] = ppl(q, ids, windows)
@@ -169,6 +169,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40, help="512-token perplexity windows")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--groups", type=int, nargs="+", default=list(GROUPS), help="group sizes")
+    p.add_argument("--dense-int4", type=int, default=1, help="0: no dense + INT4 rows")
+    p.add_argument("--disk", type=int, default=1, help="0: skip the disk sizes")
     p.add_argument("--step-time", action="store_true", help="time a QA training step only")
     p.add_argument("--repeats", type=int, default=5, help="--step-time: timed rounds")
     p.add_argument("--qa-loss", action="store_true", help="(a) vs (b) held-out loss only")
@@ -198,12 +201,18 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
-    rows = quantized_rows("dense", model, ppl_ids, args.windows)
+    rows = quantized_rows("dense", model, ppl_ids, args.windows,
+                          args.groups if args.dense_int4 else ())
     wanda_prune(model, calib, 0.5, progress=False)
-    rows.update(quantized_rows("Wanda 50%", model, ppl_ids, args.windows))
+    rows.update(quantized_rows("Wanda 50%", model, ppl_ids, args.windows, args.groups))
     print("| model | WikiText-2 perplexity |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value:.2f} |")
+    if not args.disk:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"perplexity": rows,
+                                                   "windows": args.windows}, indent=2))
+        return
     sizes = disk_sizes(model)
     bf16 = sizes["merged bf16 (save_pretrained)"]
     print("| way out (Wanda 50%) | model.safetensors | decoder linear maps | vs bf16 maps |\n"
