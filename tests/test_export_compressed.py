@@ -92,3 +92,21 @@ def test_refusals_write_nothing(tmp_path):
     gpt2 = make_tiny("gpt2")
     shears.quantize_base(gpt2, group_size=32)
     _refused(gpt2, tmp_path, "Conv1D")
+
+
+@pytest.mark.slow
+def test_smollm2_int4_reloads_in_plain_transformers(tmp_path):
+    """SmolLM2-135M (hidden 576: group 64), bf16, magnitude 50%: the compressed checkpoint
+    reloads with the same logits and its maps take 0.266x their bf16 bytes."""
+    from smollm2 import load_smollm2
+
+    model, tok = load_smollm2(dtype=torch.bfloat16)
+    shears.wanda_prune(model, method="magnitude", sparsity=0.5, progress=False)
+    shears.quantize_base(model, group_size=64)
+    out = shears.export_compressed(model, tmp_path)
+    assert len(out.layers) == 210 and 0.26 < out.packed_bytes / out.bf16_bytes < 0.27
+    ids = tok("The capital of France is Paris, and the capital of Italy is",
+              return_tensors="pt").input_ids
+    again = _reload(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
