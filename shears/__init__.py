@@ -1,6 +1,8 @@
 """shears: sparse base models and elastic low-rank super-adapters (Shears, NAACL 2024).
 
 1. Pruning: :func:`calibration_data`, :func:`wanda_prune`, :func:`sparsity_report`.
+   1b. A smaller base: :func:`quantize_base` (INT4 grid; sparse adapters over it train
+   quantization-aware, QA-SparsePEFT).
 2. Super-adapter: :class:`ElasticLoRALinear`, :func:`add_elastic_lora`, :class:`NLSTrainer`,
    configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
    :func:`save_adapter` / :func:`load_adapter`.
