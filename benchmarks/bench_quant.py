@@ -143,11 +143,12 @@ def qa_loss(model, tok, args) -> dict[str, float]:
     train = [records[i] for i in order[: args.records]]
     val = instruction_dataset([records[i] for i in order[-32:]], tok, cutoff_len=args.cutoff)
     nls = argparse.Namespace(ranks=[32, 24, 16], micro_batch=4, batch_size=8,
-                             steps=args.steps, cutoff=args.cutoff)
+                             steps=args.steps, cutoff=args.cutoff, lr=args.lr)
     rows = {"Wanda 50%": evaluate_loss(model, val)}
     rows["Wanda 50% + INT4 g64"] = evaluate_loss(_quantized(model, 64), val)
-    for label, first_quantize in (("(a) sparse adapters, merged, then INT4 g64", False),
-                                  ("(b) QA-SparsePEFT on INT4 g64, merged", True)):
+    sides = (("(a) sparse adapters, merged, then INT4 g64", False),
+             ("(b) QA-SparsePEFT on INT4 g64, merged", True))
+    for label, first_quantize in sides[1:] if args.only_qa else sides:
         m = _quantized(model, 64) if first_quantize else copy.deepcopy(model)
         torch.manual_seed(0)  # same adapter initialisation for both
         with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +158,8 @@ def qa_loss(model, tok, args) -> dict[str, float]:
             rows[label.split(",")[0] + ", merged (fp32)"] = evaluate_loss(m, val)
             quantize_base(m, bits=4, group_size=64)
         rows[label] = evaluate_loss(m, val)
-    print(f"| held-out loss ({args.steps} NLS steps of 8, {len(val)} records) | value |\n|---|---|")
+    print(f"| held-out loss ({args.steps} NLS steps of 8, lr {args.lr}, {len(val)} records) "
+          "| value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value:.4f} |", flush=True)
     return rows
@@ -178,6 +180,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="--qa-loss: optimizer steps")
     p.add_argument("--records", type=int, default=256, help="--qa-loss: training records")
     p.add_argument("--cutoff", type=int, default=128, help="--qa-loss: tokens per record")
+    p.add_argument("--lr", type=float, default=3e-4, help="--qa-loss: learning rate")
+    p.add_argument("--only-qa", action="store_true", help="--qa-loss: side (b) only")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -87,8 +87,9 @@ def train(model, tok, records, args, out: Path) -> None:
     training_args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch),
-        learning_rate=3e-4, max_steps=args.steps, warmup_steps=1, logging_steps=max(
-            1, args.steps // 4), save_strategy="no", report_to=[], use_cpu=True, seed=0)
+        learning_rate=getattr(args, "lr", 3e-4), max_steps=args.steps, warmup_steps=1,
+        logging_steps=max(1, args.steps // 4), save_strategy="no", report_to=[], use_cpu=True,
+        seed=0)
     trainer = shears.NLSTrainer(
         model=model, args=training_args, data_collator=InstructionCollator(tok),
         train_dataset=instruction_dataset(records, tok, cutoff_len=args.cutoff))
