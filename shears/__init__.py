@@ -1,6 +1,8 @@
 """shears: sparse base models and elastic low-rank super-adapters (Shears, NAACL 2024).
 
 1. Pruning: :func:`calibration_data`, :func:`wanda_prune`, :func:`sparsity_report`.
+   1b. A smaller base: :func:`quantize_base` (INT4 grid; sparse adapters over it train
+   quantization-aware, QA-SparsePEFT).
 2. Super-adapter: :class:`ElasticLoRALinear`, :func:`add_elastic_lora`, :class:`NLSTrainer`,
    configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
    :func:`save_adapter` / :func:`load_adapter`.
@@ -9,7 +11,8 @@
    :func:`perplexity`; :func:`format_prompt`, :func:`load_task`, :func:`instruction_dataset`).
 4. The ways out (docs/deploy.md): :func:`export_peft` (a sub-adapter for stock PEFT),
    :func:`merge_adapters` (merged into the sparse base, zeros kept), :func:`to_semi_structured`
-   (2:4 weights on CUDA).
+   (2:4 weights on CUDA), :func:`export_compressed` (INT4 compressed-tensors checkpoint of a
+   model on its :func:`quantize_base` grid, QA-SparsePEFT adapters merged).
 """
 
 from shears.adapters import (
@@ -35,6 +38,7 @@ from shears.evaluation import (
     perplexity,
 )
 from shears.export import (
+    export_compressed,
     export_peft,
     load_adapter,
     merge_adapters,
@@ -43,6 +47,7 @@ from shears.export import (
 )
 from shears.pruning import calibration_data, wanda_prune
 from shears.pruning.report import SparsityReport, sparsity_report
+from shears.quantization import quantize_base
 from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
 from shears.training import NLSTrainer
 
@@ -60,6 +65,7 @@ __all__ = [
     "calibration_data",
     "evaluate_generation",
     "evaluate_loss",
+    "export_compressed",
     "export_peft",
     "format_prompt",
     "instruction_dataset",
@@ -75,6 +81,7 @@ __all__ = [
     "minimal_config",
     "nsga2_search",
     "plot_search",
+    "quantize_base",
     "random_config",
     "save_adapter",
     "search_space",

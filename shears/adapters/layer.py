@@ -22,6 +22,7 @@ of ``A`` and columns of ``B`` get exactly zero gradient in both.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -31,9 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from shears.quantization import grid_of, qa_linear
+
 BASE = "base_layer."
 ACTIVE_RANK_KEY = "lora_active_rank"
 RANK_MODES = ("slice", "mask")
+DENSE_OVER_GRID = (
+    "sparse_adapter=False over a base quantized by quantize_base: this adapter trains as plain "
+    "LoRA over the dequantized grid, not quantization-aware, and a dense update cannot be "
+    "merged onto the grid: merge_adapters would leave this map off the grid (and forget its "
+    "grid). Pass sparse_adapter=True for QA-SparsePEFT, or keep the adapter unmerged.")
 
 
 def validate_ranks(ranks: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
@@ -84,7 +92,11 @@ class ElasticLoRALinear(nn.Module):
         alpha: LoRA alpha, a finite number > 0; the scaling is ``alpha / max(ranks)``.
         dropout: dropout probability on the adapter's input, in [0, 1).
         sparse_adapter: multiply the update by the base weight's non-zero mask (SparsePEFT,
-            as in SQFT) so that merging the adapter keeps the base's zeros exactly.
+            as in SQFT) so that merging the adapter keeps the base's zeros exactly. Over a
+            base quantized by ``quantize_base`` it also trains quantization-aware
+            (QA-SparsePEFT): the forward uses the grid point of ``W + delta * (W != 0)``
+            on the base's own scales, with a straight-through gradient
+            (``shears.quantization.qa_linear``); ``False`` there warns (``DENSE_OVER_GRID``).
         group: the search-space group whose rank variable this adapter follows
             (set by ``add_elastic_lora``; ``None`` means the module is its own group).
         rank_mode: ``"slice"`` (default; prefix views, least work per rank) or ``"mask"``
@@ -129,6 +141,8 @@ class ElasticLoRALinear(nn.Module):
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r_max
         self.sparse_adapter = bool(sparse_adapter)
+        if grid_of(base_layer) is not None and not self.sparse_adapter:
+            warnings.warn(DENSE_OVER_GRID, UserWarning, stacklevel=2)
         self.group = group
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -241,6 +255,10 @@ class ElasticLoRALinear(nn.Module):
         else:
             r = self._active_rank
             a, b = self.lora_A[:r], self.lora_B[:, :r]  # views: no copy of the super-adapter
+        grid = grid_of(self.base_layer) if self.sparse_adapter else None
+        if grid is not None:  # QA-SparsePEFT (SQFT): the merged weight on the base's grid
+            return qa_linear(self.dropout(x.to(a.dtype)), self.base_layer, self.base_weight(),
+                             (b @ a) * self.scaling, grid)
         x = self.dropout(x.to(a.dtype))
         if self.sparse_adapter:
             # The mask must act on the product B @ A, so the (out, in) update is materialised;

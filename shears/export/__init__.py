@@ -4,10 +4,12 @@
 - :func:`export_peft`: one sub-adapter as a stock PEFT LoRA adapter.
 - :func:`merge_adapters`: one sub-adapter merged into the base, exactly (and sparse for
   ``sparse_adapter=True`` adapters).
+- :func:`export_compressed`: a merged model on its INT4 grid as a compressed-tensors checkpoint.
 - :func:`to_semi_structured`: 2:4-sparse weights as CUDA semi-structured tensors.
 """
 
 from .checkpoint import read_checkpoint_adapter
+from .compressed import CompressedExport, export_compressed
 from .merge import merge_adapters
 from .peft_lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft
 from .saving import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
@@ -21,10 +23,12 @@ from .semi_structured import (
 
 __all__ = [
     "CONFIG_NAME",
+    "CompressedExport",
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "check_semi_structured",
+    "export_compressed",
     "export_peft",
     "load_adapter",
     "merge_adapters",

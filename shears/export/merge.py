@@ -24,6 +24,7 @@ from shears.adapters import (
     set_config,
 )
 from shears.adapters.inject import REQUIRES_GRAD_ATTR
+from shears.quantization import clear_grid, grid_of, qa_merged_weight
 
 PROBE_SEED = 0
 
@@ -63,7 +64,9 @@ def _merge_one(name: str, m: ElasticLoRALinear, keep_sparsity: bool, probe_token
             info.output = float((x @ (w.float() + delta).T).norm())
             info.update = float((x @ delta.T).norm())
         delta = delta * keep
-    merged = (w.float() + delta).to(w.dtype)
+    merged = _merged_on_grid(m, w, delta)
+    if merged is None:
+        merged = (w.float() + delta).to(w.dtype)
     w.copy_(merged)
     info.zeros_after = int((merged == 0).sum())
     return info
@@ -147,6 +150,19 @@ def _untie(model: nn.Module, untie: list) -> None:
     if untie:
         model.config.tie_word_embeddings = False
         model.all_tied_weights_keys = {}  # transformers' mapping; it held only this tie
+
+
+def _merged_on_grid(m: ElasticLoRALinear, w: torch.Tensor, delta: torch.Tensor):
+    """Over a base quantized by ``quantize_base``: a sparse adapter (QA-SparsePEFT) merges to
+    the QA forward's weight, on the base's grid with every zero kept; a dense one cannot stay
+    on the grid, so the map forgets its grid (``None``: the plain sum is written)."""
+    grid = grid_of(m.base_layer)
+    if grid is None:
+        return None
+    if not m.sparse_adapter:
+        clear_grid(m.base_layer)
+        return None
+    return qa_merged_weight(w, delta, grid)
 
 
 def _restore_requires_grad(model: nn.Module) -> None:

@@ -1,0 +1,125 @@
+"""export_compressed(): a model on its INT4 grid as a compressed-tensors ``pack-quantized``
+checkpoint (W4A16, symmetric, group strategy), the format llmcompressor writes and that
+transformers (with compressed-tensors installed) and vLLM load.
+
+The packing is compressed-tensors' own ``PackedQuantizationCompressor`` fed with the scales
+``quantize_base`` recorded; the config is its ``QuantizationConfig``, written into
+``config.json`` by its ``ModelCompressor``. The live model is not changed: the packed tensors
+replace the quantized maps' weights only in the state dict handed to ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from shears.quantization import grid_of, quantized_modules, require
+from shears.quantization.grid import on_grid
+
+
+@dataclass
+class CompressedExport:
+    """What ``export_compressed`` wrote.
+
+    Attributes:
+        directory: the checkpoint folder.
+        layers: qualified names of the packed maps.
+        bits, group_size: their grid.
+        packed_bytes: bytes of those maps as stored (packed ints, scales, shapes).
+        bf16_bytes: bytes the same maps take as bf16 weights (2 per entry).
+    """
+
+    directory: str
+    layers: list[str]
+    bits: int
+    group_size: int
+    packed_bytes: int
+    bf16_bytes: int
+
+
+def _check(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized maps, after every refusal (nothing is written before)."""
+    carrier = next((n for n, m in model.named_modules() if hasattr(m, "lora_A")), None)
+    if carrier is not None:
+        raise ValueError(f"the model still carries adapters ({carrier or 'the model'}); merge "
+                         "them first: shears.merge_adapters(model, config)")
+    maps = quantized_modules(model)
+    if not maps:
+        raise ValueError("the model is not on an integer grid; quantize it first: "
+                         "shears.quantize_base(model, bits=4, group_size=...)")
+    for name, m in maps.items():
+        if type(m) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(m).__name__}; compressed-tensors packs "
+                             "nn.Linear maps only")
+        grid = grid_of(m)
+        if not on_grid(m.weight.data, grid.scale, grid.bits):
+            raise ValueError(f"{name}: its weight is no longer on its grid (changed after "
+                             "quantize_base?)")
+    settings = {(grid_of(m).bits, grid_of(m).group_size) for m in maps.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the maps use several grids {sorted(settings)}; export_compressed "
+                         "writes one (bits, group_size)")
+    return maps
+
+
+def export_compressed(model: nn.Module, directory: str | os.PathLike,
+                      **save_kwargs) -> CompressedExport:
+    """Write ``model`` (merged, on its grid) as a compressed-tensors ``pack-quantized``
+    checkpoint that ``AutoModelForCausalLM.from_pretrained(directory)`` loads.
+
+    Every map quantized by ``quantize_base`` is stored as ``weight_packed`` (int32, 8 INT4
+    values each), ``weight_scale`` (out, in // group_size) and ``weight_shape``; every other
+    tensor as ``save_pretrained`` writes it. ``config.json`` gains the
+    ``quantization_config`` (targets ``Linear``, every other ``nn.Linear`` such as
+    ``lm_head`` in ``ignore``).
+
+    Args:
+        model: a model quantized by ``quantize_base`` (then adapted with QA-SparsePEFT and
+            merged, or not), without adapters.
+        directory: where to write.
+        save_kwargs: passed to ``model.save_pretrained``.
+
+    Raises:
+        ValueError: adapters still present (use ``merge_adapters``), no grid (use
+            ``quantize_base``), a map off its grid, a ``Conv1D`` map, mixed grids.
+        ImportError: compressed-tensors missing (the ``quant`` extra).
+    """
+    maps = _check(model)
+    require("compressed_tensors")
+    from compressed_tensors.compressors.model_compressors.model_compressor import (
+        ModelCompressor,
+    )
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    first = grid_of(next(iter(maps.values())))
+    bits, group_size = first.bits, first.group_size
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
+                            group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = model.state_dict()
+    packed_bytes = bf16_bytes = 0
+    for name, m in maps.items():
+        packed = PackedQuantizationCompressor.compress(
+            {"weight": m.weight.data, "weight_scale": grid_of(m).scale}, scheme)
+        del state[f"{name}.weight"]
+        for key, tensor in packed.items():
+            state[f"{name}.{key}"] = tensor.contiguous()
+            packed_bytes += tensor.numel() * tensor.element_size()
+        bf16_bytes += m.weight.numel() * 2
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in maps]
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                quantization_status="compressed", ignore=ignore)
+    directory = os.fspath(directory)
+    model.save_pretrained(directory, state_dict=state, **save_kwargs)
+    ModelCompressor(quantization_config=config).update_config(directory)
+    return CompressedExport(directory, list(maps), bits, group_size, packed_bytes, bf16_bytes)
+
+
+__all__ = ["CompressedExport", "export_compressed"]
