@@ -30,6 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from shears.quantization.bnb import (
+    check_bnb_layer,
+    dequantized_weight,
+    is_bnb_4bit,
+    keep_trainable_layout,
+)
+
 BASE = "base_layer."
 ACTIVE_RANK_KEY = "lora_active_rank"
 RANK_MODES = ("slice", "mask")
@@ -54,6 +61,17 @@ def validate_ranks(ranks: Sequence[int], max_rank: int | None = None) -> tuple[i
     return out
 
 
+def layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear map, read from the layer, not from its
+    weight's shape: GPT-2's ``Conv1D`` stores (in, out), and a bitsandbytes ``Linear4bit``
+    stores a packed (out * in / 2, 1) uint8 weight."""
+    if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
+        return tuple(base_layer.weight.shape)
+    if isinstance(base_layer, nn.Linear):  # Linear4bit too: it subclasses nn.Linear
+        return base_layer.in_features, base_layer.out_features
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+
+
 class ElasticLoRALinear(nn.Module):
     """A frozen linear layer plus an elastic low-rank update (one super-adapter).
 
@@ -61,8 +79,10 @@ class ElasticLoRALinear(nn.Module):
     ``scaling = alpha / r_max`` for every active rank ``r``.
 
     Args:
-        base_layer: ``nn.Linear`` (weight (out, in)) or transformers' ``Conv1D``
-            (weight (in, out)); kept as ``self.base_layer`` and frozen.
+        base_layer: ``nn.Linear`` (weight (out, in)), transformers' ``Conv1D``
+            (weight (in, out)) or a bitsandbytes ``Linear4bit`` (NF4/FP4, packed; the 4-bit
+            base runs as is and the adapter adds its update in fp32, QLoRA-style); kept as
+            ``self.base_layer`` and frozen.
         ranks: the ranks a sub-adapter may take; stored in descending order.
         alpha: LoRA alpha; the scaling is ``alpha / max(ranks)``.
         dropout: dropout probability on the adapter's input.
@@ -92,12 +112,10 @@ class ElasticLoRALinear(nn.Module):
         super().__init__()
         if isinstance(base_layer, ElasticLoRALinear):
             raise ValueError("this layer already carries an elastic LoRA adapter")
-        if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
-            self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
-            raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = layer_features(base_layer)
+        if is_bnb_4bit(base_layer):  # QLoRA-style: keep the layout backward can go through
+            check_bnb_layer(base_layer, type(base_layer).__name__)
+            keep_trainable_layout(base_layer)
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.ranks = validate_ranks(ranks, min(self.in_features, self.out_features))
@@ -190,7 +208,11 @@ class ElasticLoRALinear(nn.Module):
         return module
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the layer type (a view, no copy)."""
+        """The base weight as (out, in), whatever the layer type: a view, no copy, except
+        over a bitsandbytes 4-bit base, whose weight is dequantized (a new tensor, in the
+        dtype the layer was quantized from)."""
+        if is_bnb_4bit(self.base_layer):
+            return dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         return w.t() if isinstance(self.base_layer, Conv1D) else w
 
@@ -217,7 +239,9 @@ class ElasticLoRALinear(nn.Module):
         x = self.dropout(x.to(a.dtype))
         if self.sparse_adapter:
             # The mask must act on the product B @ A, so the (out, in) update is materialised;
-            # recomputing the mask each call keeps it right if the base is pruned later.
+            # recomputing the mask each call keeps it right if the base is pruned later, and
+            # over a 4-bit base costs one dequantization per call instead of a cached bool
+            # mask twice the NF4 weight's size (docs/quantization.md).
             update = F.linear(x, (b @ a) * (self.base_weight() != 0))
         else:
             update = F.linear(F.linear(x, a), b)  # two thin matmuls, never (out, in)

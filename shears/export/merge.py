@@ -20,6 +20,7 @@ from shears.adapters import (
     set_config,
 )
 from shears.adapters.inject import REQUIRES_GRAD_ATTR
+from shears.quantization.bnb import is_bnb_4bit
 
 PROBE_SEED = 0
 
@@ -63,6 +64,20 @@ def _merge_one(name: str, m: ElasticLoRALinear, keep_sparsity: bool, probe_token
     w.copy_(merged)
     info.zeros_after = int((merged == 0).sum())
     return info
+
+
+def _refuse_4bit_base(modules: list[tuple[str, ElasticLoRALinear]]) -> None:
+    """A bitsandbytes 4-bit base has no fp weight to write base + delta into: re-quantizing
+    the sum to NF4 would lose most of the update. Refuse before anything changes."""
+    quantized = [name for name, m in modules if is_bnb_4bit(m.base_layer)]
+    if quantized:
+        raise ValueError(
+            f"{len(quantized)} adapters sit on a bitsandbytes 4-bit base (e.g. {quantized[0]}),"
+            " which cannot be merged: re-quantizing base + update to NF4 would lose most of the"
+            " update. Keep the adapters unmerged and export them with shears.export_peft (stock"
+            " PEFT loads them over the same 4-bit base), or, for one merged sparse INT4 model,"
+            " train over shears.quantize_base(model) with sparse_adapter=True (QA-SparsePEFT,"
+            " docs/quantization.md) and merge that.")
 
 
 def _restore_requires_grad(model: nn.Module) -> None:
@@ -141,6 +156,7 @@ def merge_adapters(
     modules = list(elastic_modules(model))
     if not modules:
         raise ValueError("the model carries no elastic LoRA adapters; nothing to merge")
+    _refuse_4bit_base(modules)
     if config is not None:
         set_config(model, config)  # validates the whole config before changing anything
     merged = []

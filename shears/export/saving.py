@@ -36,6 +36,7 @@ from shears.adapters import (
     set_config,
     validate_config,
 )
+from shears.adapters.layer import layer_features
 from shears.adapters.metadata import FORMAT, FORMAT_VERSION
 
 from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
@@ -118,7 +119,7 @@ def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, tor
             base = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"the model has no module {name} to carry a saved adapter") from e
-        w = getattr(base, "base_layer", base).weight.shape
+        w = layer_features(getattr(base, "base_layer", base))  # a 4-bit weight is packed
         if sorted(w) != sorted((out_f, in_f)):
             raise ValueError(f"{name}: base weight {tuple(w)} does not fit the saved adapter "
                              f"(out={out_f}, in={in_f})")
