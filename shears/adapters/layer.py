@@ -241,7 +241,7 @@ class ElasticLoRALinear(nn.Module):
             # The mask must act on the product B @ A, so the (out, in) update is materialised;
             # recomputing the mask each call keeps it right if the base is pruned later, and
             # over a 4-bit base costs one dequantization per call instead of a cached bool
-            # mask twice the NF4 weight's size (docs/quantization.md).
+            # mask 1.8x the size of the NF4 weight it masks (docs/quantization.md).
             update = F.linear(x, (b @ a) * (self.base_weight() != 0))
         else:
             update = F.linear(F.linear(x, a), b)  # two thin matmuls, never (out, in)
