@@ -11,6 +11,12 @@ token windows in the same order. ``nls``: ``NLSTrainer`` over ranks [32, 24, 16]
 sampler); ``peft``: ``Trainer`` over a PEFT ``LoraConfig(r=32, lora_alpha=64)`` model;
 ``nls_max``: ``NLSTrainer`` held at the maximal sub-adapter (PEFT's maths).
 
+``--base nf4`` (QLoRA-style): the three sides train over the same bitsandbytes NF4 base
+(``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit=True, nf4)``, compute dtype =
+the base dtype; a random preset is saved once under ``--out`` to be reloaded so), and a
+fourth side, ``nls_unquantized``, is NLS over the unquantized base of the same run: the
+cost of NF4 itself. ``nls_unquantized`` is the ratios' second baseline.
+
 Models: ``smollm2`` (SmolLM2-135M-Instruct on WikiText-2 windows, the default) or a random
 Llama of real shapes on random token ids (``random-tiny``, ``random-1b``, ``random-7b``; see
 ``random_llama.py``), which needs no download and no ``datasets``. The base is bf16 on CUDA
@@ -43,9 +49,19 @@ import torch
 from random_llama import PRESETS, random_ids, random_llama, resolve_dtype
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from shears.quantization.bnb import is_bnb_4bit
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SIDES = {"peft": "PEFT LoRA r=32 + Trainer", "nls": "NLSTrainer [32,24,16] uniform",
          "nls_max": "NLSTrainer, maximal sub-adapter every step"}
+UNQUANTIZED = {"nls_unquantized": "NLSTrainer [32,24,16] uniform, unquantized base"}
+
+
+def sides(opts: argparse.Namespace) -> dict[str, str]:
+    """The runs of this benchmark: over an NF4 base, one more over the unquantized base."""
+    if opts.base == "nf4":
+        return {s: f"{label}, NF4 base" for s, label in SIDES.items()} | UNQUANTIZED
+    return SIDES
 
 
 class StepTimer(TrainerCallback):
@@ -89,18 +105,45 @@ def windows(data: str, tok, n: int, seqlen: int) -> torch.Tensor:
     return wikitext2_ids(tok, data)[: n * seqlen].view(n, seqlen)
 
 
-def model_and_data(opts: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
-    """The base model (on ``opts.device``) and ``steps x batch`` training windows."""
+def checkpoint(opts: argparse.Namespace) -> Path:
+    """The base's checkpoint directory, for a 4-bit reload; a random preset's is written
+    (once, under ``--out``) by ``main``."""
+    if opts.model in PRESETS:
+        return Path(opts.out) / f"{opts.model}-{opts.blocks or 'all'}-{opts.dtype}"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+def nf4_model(opts: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
+    """The base reloaded as bitsandbytes NF4 (every linear map but lm_head), as QLoRA does."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(checkpoint(opts), quantization_config=q,
+                                                dtype=dtype, device_map=opts.device).eval()
+
+
+def model_and_data(opts: argparse.Namespace, nf4: bool = False):
+    """The base model (on ``opts.device``; bitsandbytes NF4 if ``nf4``) and ``steps x batch``
+    training windows."""
     n = opts.steps * opts.batch
     dtype = resolve_dtype(opts.dtype, opts.device)
     if opts.model in PRESETS:
-        model = random_llama(opts.model, opts.blocks, device=opts.device, dtype=dtype)
+        model = nf4_model(opts, dtype) if nf4 else \
+            random_llama(opts.model, opts.blocks, device=opts.device, dtype=dtype)
         ids = random_ids(n, opts.seqlen, model.config.vocab_size)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
         from smollm2 import load_smollm2  # the examples' model loader
+        from transformers import AutoTokenizer
 
-        model, tok = load_smollm2(dtype=dtype)
+        if nf4:
+            model, tok = nf4_model(opts, dtype), AutoTokenizer.from_pretrained(checkpoint(opts))
+        else:
+            model, tok = load_smollm2(dtype=dtype)
         if opts.blocks is not None:
             model.model.layers = model.model.layers[: opts.blocks]
             model.config.num_hidden_layers = opts.blocks
@@ -111,7 +154,7 @@ def model_and_data(opts: argparse.Namespace) -> tuple[torch.nn.Module, list[dict
 def worker(opts: argparse.Namespace) -> dict:
     """One training run of ``opts.worker`` (a key of ``SIDES``); returns its figures."""
     torch.manual_seed(0)
-    model, data = model_and_data(opts)
+    model, data = model_and_data(opts, nf4=opts.base == "nf4" and opts.worker in SIDES)
     cuda = opts.device == "cuda"
     args = TrainingArguments(
         output_dir=opts.out, per_device_train_batch_size=opts.batch, max_steps=opts.steps,
@@ -149,6 +192,7 @@ def worker(opts: argparse.Namespace) -> dict:
         "peak_above_start_bytes": peak - base,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
+        "nf4_maps": sum(is_bnb_4bit(m) for m in model.modules()),
     }
     if opts.worker != "peft":
         ranks = [r for rec in trainer.nls_history.records for r in rec["config"].values()]
@@ -163,7 +207,8 @@ def run_side(side: str, opts: argparse.Namespace, memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--data", opts.data, "--steps",
            str(steps), "--batch", str(opts.batch), "--seqlen", str(opts.seqlen),
            "--device", opts.device, "--out", opts.out, "--model", opts.model,
-           "--dtype", opts.dtype, "--warmup", str(min(opts.warmup, steps - 1))]
+           "--dtype", opts.dtype, "--warmup", str(min(opts.warmup, steps - 1)),
+           "--base", opts.base]
     if opts.blocks is not None:
         cmd += ["--blocks", str(opts.blocks)]
     env = dict(os.environ)
@@ -194,11 +239,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="base weights; auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--base", default="full", choices=["full", "nf4"],
+                   help="nf4: every side over a bitsandbytes NF4 base, plus nls_unquantized")
     p.add_argument("--out", default="/tmp/shears-bench-nls")
     p.add_argument("--json", default=None, help="also write every run and the ratios here")
     p.add_argument("--inline", action="store_true",
                    help="run every side in this process (quick; peak memory not per side)")
-    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=SIDES | UNQUANTIZED, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.worker:
         print(json.dumps(worker(opts)))
@@ -207,15 +254,19 @@ def main() -> None:
         p.error("need 0 < --warmup < --steps: the clock starts at the end of step --warmup")
     if opts.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    if opts.base == "nf4" and opts.model in PRESETS and not checkpoint(opts).exists():
+        dtype = resolve_dtype(opts.dtype, opts.device)  # saved once, reloaded 4-bit per side
+        random_llama(opts.model, opts.blocks, device=opts.device, dtype=dtype
+                     ).save_pretrained(checkpoint(opts))
+    runs: dict[str, list[dict]] = {side: [] for side in sides(opts)}
     for i in range(opts.repeats):
-        for side in SIDES:  # alternate, so that drifting load hits every side alike
+        for side in sides(opts):  # alternate, so that drifting load hits every side alike
             runs[side].append(run_side(side, opts))
             r = runs[side][-1]
             print(f"[{i}] {side}: {r['tokens_per_s']:.1f} tok/s, peak "
                   f"{r['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     if opts.device == "cpu" and opts.memory_steps > 0:
-        mem = {side: run_side(side, opts, memory=True) for side in SIDES}
+        mem = {side: run_side(side, opts, memory=True) for side in sides(opts)}
     else:
         mem = {side: min(rs, key=lambda r: r["peak_bytes"]) for side, rs in runs.items()}
     summary = report(runs, mem, opts)
@@ -249,7 +300,7 @@ def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Nam
     print(f"| side | tokens/s (best of {opts.repeats}) | all runs | throughput ratio | peak MiB |"
           " peak ratio | peak above start MiB | trainable params |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for s, label in SIDES.items():
+    for s, label in sides(opts).items():
         all_tps = ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs[s])
         print(f"| {label} | {best[s]:.1f} | {all_tps} | {best[s] / best['peft']:.3f} | "
               f"{peak[s] / mib:.0f} | {peak[s] / peak['peft']:.3f} | {above[s] / mib:.0f} | "
@@ -260,16 +311,25 @@ def report(runs: dict[str, list[dict]], mem: dict[str, dict], opts: argparse.Nam
           f"{opts.device}; peak memory " + ("from separate "
           f"{opts.memory_steps}-step runs" if opts.device == "cpu" and opts.memory_steps > 0
           else "from the throughput runs"))
-    return {
+    summary = {
         "settings": {k: v for k, v in vars(opts).items() if k != "worker"},
         "environment": environment(opts.device),
         "runs": runs,
         "memory_runs": mem,
-        "throughput_ratio": {s: best[s] / best["peft"] for s in SIDES},
-        "peak_ratio": {s: peak[s] / peak["peft"] for s in SIDES},
+        "throughput_ratio": {s: best[s] / best["peft"] for s in runs},
+        "peak_ratio": {s: peak[s] / peak["peft"] for s in runs},
         "peak_above_start_ratio": {s: above[s] / above["peft"] if above["peft"] else None
-                                   for s in SIDES},
+                                   for s in runs},
     }
+    if "nls_unquantized" in runs:  # the cost of the NF4 base itself, NLS against NLS
+        u = "nls_unquantized"
+        summary["nf4_vs_unquantized"] = {
+            "throughput_ratio": best["nls"] / best[u], "step_time_ratio": best[u] / best["nls"],
+            "peak_ratio": peak["nls"] / peak[u]}
+        print("NLS over NF4 / NLS over the unquantized base: throughput "
+              f"{best['nls'] / best[u]:.3f}, step time {best[u] / best['nls']:.3f}, peak memory "
+              f"{peak['nls'] / peak[u]:.3f}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Everything a session with a GPU should measure for issues 9 and 7, in order, each step
 # under its own time limit, results as JSON in OUTDIR (with one log, gpu_checks.log):
 #
-#     bash benchmarks/gpu_checks.sh OUTDIR [nls] [prune] [sparse] [profile]
+#     bash benchmarks/gpu_checks.sh OUTDIR [nls] [prune] [sparse] [profile] [nls4]
 #
 #   nls      issue 9: NLSTrainer vs PEFT LoRA r=32, random Llama of 1B shapes, bf16,
 #            batch 8 x 512, Q/K/V/Up/Down, 30 steps (5 warm-up), best of 2 -> nls.json
@@ -10,6 +10,11 @@
 #            calibration ids, reference vs shears batch 1 and 8 -> prune.json
 #   sparse   issue 7: benchmarks/bench_sparse_inference.py, if this checkout has it
 #            -> sparse_inference.json
+#   nls4     issue 13: NLS over a bitsandbytes NF4 base at 7B shapes (random weights), batch
+#            4 x 512, 12 steps (2 warm-up), one run per side: PEFT LoRA r=32 over the same NF4
+#            base, and NLS over the bf16 base (goal: memory <= 0.45x, throughput >= 0.7x of
+#            bf16) -> nls4.json (its "nf4_vs_unquantized"). Limit 420 s: not in the default
+#            list (the four above fill one 10-minute call); run it on its own.
 #   profile  where Wanda's time goes: one shears run on the first 4 blocks of the 7B
 #            shapes under torch.profiler -> prune_profile.txt
 #
@@ -34,10 +39,12 @@ LOG="$OUT/gpu_checks.log"
 if [ "${SHEARS_GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     DEV=cpu NLS_MODEL=random-tiny PRUNE_MODEL=random-tiny DTYPE=bfloat16
     NLS_SIZES="--batch 2 --seqlen 16 --steps 3 --warmup 1 --repeats 1 --memory-steps 0 --inline"
+    NLS4_MODEL=random-tiny NLS4_SIZES=$NLS_SIZES
     PRUNE_SIZES="--nsamples 4 --seqlen 32 --repeats 1" PROFILE_BLOCKS=1
 else
     DEV=cuda NLS_MODEL=random-1b PRUNE_MODEL=random-7b DTYPE=auto
     NLS_SIZES="--batch 8 --seqlen 512 --steps 30 --warmup 5 --repeats 2"
+    NLS4_MODEL=random-7b NLS4_SIZES="--batch 4 --seqlen 512 --steps 12 --warmup 2 --repeats 1"
     PRUNE_SIZES="--nsamples 128 --seqlen 2048 --repeats 1" PROFILE_BLOCKS=4
 fi
 
@@ -81,8 +88,12 @@ for s in $STEPS; do
         step profile 60 "$PY" benchmarks/bench_prune.py --model "$PRUNE_MODEL" --device "$DEV" \
             --dtype "$DTYPE" --blocks "$PROFILE_BLOCKS" $PRUNE_SIZES \
             --profile "$OUT/prune_profile.txt" ;;
+    nls4)
+        step nls4 420 "$PY" benchmarks/bench_nls.py --model "$NLS4_MODEL" --base nf4 \
+            --device "$DEV" --dtype "$DTYPE" $NLS4_SIZES --json "$OUT/nls4.json" \
+            --out /tmp/shears-bench-nls4 ;;
     *)
-        echo "unknown step $s (nls, prune, sparse, profile)" | tee -a "$LOG"
+        echo "unknown step $s (nls, prune, sparse, profile, nls4)" | tee -a "$LOG"
         status=2 ;;
     esac
 done

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -64,3 +66,19 @@ def test_bench_prune_batch_one_reproduces_the_reference_masks(tmp_path):
     impls = json.loads(out.read_text())["implementations"]
     assert impls["shears batch 1 (default)"]["block_agreement"] == [1.0, 1.0]
     assert all(r["time_s"] > 0 and r["peak_mib"] > 0 for r in impls.values())
+
+
+def test_gpu_checks_nls4_step_runs_over_an_nf4_base_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    cmd = ["bash", str(BENCH / "gpu_checks.sh"), str(out), "nls4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    nls = json.loads((out / "nls4.json").read_text())
+    assert set(nls["runs"]) == {"peft", "nls", "nls_max", "nls_unquantized"}
+    # random-tiny: 2 blocks x 7 linear maps in NF4 on the three quantized sides, none on the last
+    assert {s: r[0]["nf4_maps"] for s, r in nls["runs"].items()} == \
+        {"peft": 14, "nls": 14, "nls_max": 14, "nls_unquantized": 0}
+    assert len({runs[0]["trainable"] for runs in nls["runs"].values()}) == 1
+    ratios = nls["nf4_vs_unquantized"]
+    assert ratios["throughput_ratio"] > 0 and ratios["peak_ratio"] > 0

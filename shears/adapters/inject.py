@@ -8,7 +8,15 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import RANK_MODES, ElasticLoRALinear, check_alpha_dropout, validate_ranks
+from shears.quantization.bnb import check_bnb_layer, is_bnb_4bit, keep_trainable_layout
+
+from .layer import (
+    RANK_MODES,
+    ElasticLoRALinear,
+    check_alpha_dropout,
+    layer_features,
+    validate_ranks,
+)
 from .metadata import record_adapter_metadata
 
 GroupSpec = str | Callable[[str], str]
@@ -142,13 +150,19 @@ def add_elastic_lora(
     plan = []
     for name in names:  # validate everything before swapping anything
         base = model.get_submodule(name)
-        w = base.weight.shape
-        if ranks[0] > min(w):
-            raise ValueError(f"r_max={ranks[0]} exceeds min(in, out)={min(w)} of {name}")
+        features = layer_features(base)  # not weight.shape: a 4-bit weight is packed
+        if ranks[0] > min(features):
+            raise ValueError(f"r_max={ranks[0]} exceeds min(in, out)={min(features)} of {name}")
         key = group_fn(name)
         if not isinstance(key, str):
             raise TypeError(f"group keys must be strings, got {key!r} for {name}")
         plan.append((name, base, key))
+    # Backward of NLS goes through every 4-bit map, adapted or not (QLoRA-style base)
+    quantized = [(n, m) for n, m in model.named_modules() if is_bnb_4bit(m)]
+    for name, m in quantized:
+        check_bnb_layer(m, name)
+    for _, m in quantized:
+        keep_trainable_layout(m)
     setattr(model, REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     for name, base, key in plan:

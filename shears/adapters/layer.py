@@ -33,6 +33,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from shears.quantization import grid_of, qa_linear
+from shears.quantization.bnb import (
+    check_bnb_layer,
+    dequantized_weight,
+    is_bnb_4bit,
+    keep_trainable_layout,
+)
 
 BASE = "base_layer."
 ACTIVE_RANK_KEY = "lora_active_rank"
@@ -79,6 +85,17 @@ def check_alpha_dropout(alpha: float, dropout: float) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
+def layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear map, read from the layer, not from its
+    weight's shape: GPT-2's ``Conv1D`` stores (in, out), and a bitsandbytes ``Linear4bit``
+    stores a packed (out * in / 2, 1) uint8 weight."""
+    if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
+        return tuple(base_layer.weight.shape)
+    if isinstance(base_layer, nn.Linear):  # Linear4bit too: it subclasses nn.Linear
+        return base_layer.in_features, base_layer.out_features
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+
+
 class ElasticLoRALinear(nn.Module):
     """A frozen linear layer plus an elastic low-rank update (one super-adapter).
 
@@ -86,8 +103,10 @@ class ElasticLoRALinear(nn.Module):
     ``scaling = alpha / r_max`` for every active rank ``r``.
 
     Args:
-        base_layer: ``nn.Linear`` (weight (out, in)) or transformers' ``Conv1D``
-            (weight (in, out)); kept as ``self.base_layer`` and frozen.
+        base_layer: ``nn.Linear`` (weight (out, in)), transformers' ``Conv1D``
+            (weight (in, out)) or a bitsandbytes ``Linear4bit`` (NF4/FP4, packed; the 4-bit
+            base runs as is and the adapter adds its update in fp32, QLoRA-style); kept as
+            ``self.base_layer`` and frozen.
         ranks: the ranks a sub-adapter may take; stored in descending order.
         alpha: LoRA alpha, a finite number > 0; the scaling is ``alpha / max(ranks)``.
         dropout: dropout probability on the adapter's input, in [0, 1).
@@ -128,13 +147,12 @@ class ElasticLoRALinear(nn.Module):
         if isinstance(base_layer, ElasticLoRALinear):
             raise ValueError("this layer already carries an elastic LoRA adapter")
         check_alpha_dropout(alpha, dropout)  # before the base layer is frozen below
-        if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
-            self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
-            raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = layer_features(base_layer)
+        if is_bnb_4bit(base_layer):
+            check_bnb_layer(base_layer, type(base_layer).__name__)
         self.ranks = validate_ranks(ranks, min(self.in_features, self.out_features))
+        if is_bnb_4bit(base_layer):  # QLoRA-style: keep the layout backward can go through
+            keep_trainable_layout(base_layer)
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.r_max = self.ranks[0]
@@ -230,7 +248,11 @@ class ElasticLoRALinear(nn.Module):
         return module
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the layer type (a view, no copy)."""
+        """The base weight as (out, in), whatever the layer type: a view, no copy, except
+        over a bitsandbytes 4-bit base, whose weight is dequantized (a new tensor, in the
+        dtype the layer was quantized from)."""
+        if is_bnb_4bit(self.base_layer):
+            return dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         return w.t() if isinstance(self.base_layer, Conv1D) else w
 
@@ -247,7 +269,6 @@ class ElasticLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out) in the base layer's output dtype."""
-        result = self.base_layer(x)
         if self._rank_mode == "mask":
             # Rows r.. of A become exact zeros, so their terms in B @ A vanish and both they
             # and B's columns r.. get exactly zero gradient; every shape stays (r_max, ...).
@@ -259,10 +280,13 @@ class ElasticLoRALinear(nn.Module):
         if grid is not None:  # QA-SparsePEFT (SQFT): the merged weight on the base's grid
             return qa_linear(self.dropout(x.to(a.dtype)), self.base_layer, self.base_weight(),
                              (b @ a) * self.scaling, grid)
+        result = self.base_layer(x)  # not needed on the grid: the QA weight replaces it
         x = self.dropout(x.to(a.dtype))
         if self.sparse_adapter:
             # The mask must act on the product B @ A, so the (out, in) update is materialised;
-            # recomputing the mask each call keeps it right if the base is pruned later.
+            # recomputing the mask each call keeps it right if the base is pruned later, and
+            # over a 4-bit base costs one dequantization per call instead of a cached bool
+            # mask 1.8x the size of the NF4 weight it masks (docs/quantization.md).
             update = F.linear(x, (b @ a) * (self.base_weight() != 0))
         else:
             update = F.linear(F.linear(x, a), b)  # two thin matmuls, never (out, in)

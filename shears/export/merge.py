@@ -25,6 +25,7 @@ from shears.adapters import (
 )
 from shears.adapters.inject import REQUIRES_GRAD_ATTR
 from shears.quantization import clear_grid, grid_of, qa_merged_weight
+from shears.quantization.bnb import is_bnb_4bit
 
 PROBE_SEED = 0
 
@@ -165,6 +166,20 @@ def _merged_on_grid(m: ElasticLoRALinear, w: torch.Tensor, delta: torch.Tensor):
     return qa_merged_weight(w, delta, grid)
 
 
+def _refuse_4bit_base(modules: list[tuple[str, ElasticLoRALinear]]) -> None:
+    """A bitsandbytes 4-bit base has no fp weight to write base + delta into: re-quantizing
+    the sum to NF4 would lose most of the update. Refuse before anything changes."""
+    quantized = [name for name, m in modules if is_bnb_4bit(m.base_layer)]
+    if quantized:
+        raise ValueError(
+            f"{len(quantized)} adapters sit on a bitsandbytes 4-bit base (e.g. {quantized[0]}),"
+            " which cannot be merged: re-quantizing base + update to NF4 would lose most of the"
+            " update. Keep the adapters unmerged and export them with shears.export_peft (stock"
+            " PEFT loads them over the same 4-bit base), or, for one merged sparse INT4 model,"
+            " train over shears.quantize_base(model) with sparse_adapter=True (QA-SparsePEFT,"
+            " docs/quantization.md) and merge that.")
+
+
 def _restore_requires_grad(model: nn.Module) -> None:
     """Give every parameter back the requires_grad recorded by add_elastic_lora."""
     for owner in model.modules():
@@ -247,6 +262,7 @@ def merge_adapters(
     if not modules:
         raise ValueError("the model carries no elastic LoRA adapters; nothing to merge")
     # Checks only, up to set_config (which validates the whole config before applying it).
+    _refuse_4bit_base(modules)
     if keep_sparsity is None:
         keep_sparsity = _default_keep_sparsity(modules)
     untie = _shared_bases(model, modules)

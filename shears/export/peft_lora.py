@@ -64,7 +64,9 @@ def _sub_adapter_ranks(model: nn.Module, config: Mapping[str, int] | None) -> di
             f"{len(sparse)} adapters were built with sparse_adapter=True (e.g. {sparse[0]}): "
             "their update is (B @ A) masked by the base's zeros, which no PEFT LoRA can "
             "express. Merge them into the sparse base instead: shears.merge_adapters(model, "
-            "config) keeps every zero, then model.save_pretrained(directory).")
+            "config) keeps every zero, then model.save_pretrained(directory) (over a "
+            "bitsandbytes 4-bit base, which cannot be merged: QA-SparsePEFT, "
+            "docs/quantization.md).")
     active = get_config(model)
     if config is not None:
         active.update(validate_config(search_space(model), config))

@@ -39,6 +39,7 @@ from shears.adapters import (
     set_config,
     validate_config,
 )
+from shears.adapters.layer import layer_features
 from shears.adapters.metadata import (
     FINGERPRINT_KEY,
     FORMAT,
@@ -47,6 +48,7 @@ from shears.adapters.metadata import (
     weight_fingerprint,
 )
 from shears.pruning.layers import weight_matrix
+from shears.quantization.bnb import dequantized_weight, is_bnb_4bit
 
 from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
 from .layout import check_layout, relative_to
@@ -111,6 +113,14 @@ def _attach(model: nn.Module, meta: dict[str, Any]) -> None:
                          f"{sorted(set(present) - set(meta['targets']))[:4]}")
 
 
+def _base_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) base weight the fingerprint describes, adapted or not; a bitsandbytes
+    4-bit map is dequantized (its stored weight is packed)."""
+    if isinstance(module, ElasticLoRALinear):
+        return module.base_weight()
+    return dequantized_weight(module) if is_bnb_4bit(module) else weight_matrix(module)
+
+
 def _check_base(model: nn.Module, meta: dict[str, Any]) -> None:
     """The model's base against the fingerprint saved with the adapters (none in files
     written before it existed); ``ValueError`` naming the module and what differs."""
@@ -118,9 +128,7 @@ def _check_base(model: nn.Module, meta: dict[str, Any]) -> None:
     for name in [t for t in meta["targets"] if t in fingerprints]:  # config.json sorts keys
         saved = fingerprints[name]
         module = model.get_submodule(name)
-        w = module.base_weight() if isinstance(module, ElasticLoRALinear) else weight_matrix(
-            module)
-        have = weight_fingerprint(w)
+        have = weight_fingerprint(_base_matrix(module))
         problem = None if have is None else fingerprint_difference(saved, have)
         if problem:
             raise ValueError(f"{name}: this base is not the one the adapters were saved with: "
@@ -140,7 +148,7 @@ def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, tor
             base = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"the model has no module {name} to carry a saved adapter") from e
-        w = getattr(base, "base_layer", base).weight.shape
+        w = layer_features(getattr(base, "base_layer", base))  # a 4-bit weight is packed
         if sorted(w) != sorted((out_f, in_f)):
             raise ValueError(f"{name}: base weight {tuple(w)} does not fit the saved adapter "
                              f"(out={out_f}, in={in_f})")

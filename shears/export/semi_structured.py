@@ -46,6 +46,7 @@ from transformers.pytorch_utils import Conv1D
 
 from shears.adapters import ElasticLoRALinear
 from shears.pruning.layers import find_decoder_blocks, is_linear, linear_modules, weight_matrix
+from shears.quantization.bnb import is_bnb_4bit
 
 # (min rows = out_features, min cols = in_features); both must also be multiples of these.
 KERNEL_MIN_SHAPE: dict[str, dict[torch.dtype, tuple[int, int]]] = {
@@ -142,6 +143,10 @@ def check_semi_structured(model: nn.Module, modules: Sequence[str] | None = None
     """Every reason why ``to_semi_structured(model, modules, backend=backend)`` would refuse,
     CUDA aside; empty when it would convert. Pure: runs on CPU, changes nothing."""
     maps = _candidate_maps(model, modules)
+    quantized = [f"{n}: a bitsandbytes 4-bit weight (packed NF4/FP4 codes); the 2:4 kernels "
+                 "take float16/bfloat16 weights" for n, m in maps.items() if is_bnb_4bit(m)]
+    if quantized:  # its packed (n, 1) uint8 weight is no (out, in) matrix to check
+        return quantized + _adapter_problems(model, list(maps))
     problems = semi_structured_problems({n: weight_matrix(m) for n, m in maps.items()}, backend)
     return problems + _adapter_problems(model, list(maps)) + _bias_problems(maps)
 

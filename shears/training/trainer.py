@@ -55,6 +55,46 @@ def _warn_if_fsdp_dropped(trainer: Trainer) -> None:
             "accelerators); on CPU see docs/training.md.", stacklevel=3)
 
 
+@contextlib.contextmanager
+def _elastic_adapters_count_as_adapters() -> Iterator[None]:
+    """While ``Trainer.__init__`` runs, let transformers' quantized-model check see the elastic
+    adapters. ``validate_quantization_for_training`` refuses a quantized model (a
+    bitsandbytes 4-bit base) unless it is a ``PeftModel`` or has a PEFT adapter loaded
+    (``_hf_peft_config_loaded``); a model carrying trainable elastic adapters is trained the
+    QLoRA way too. For such a model only, the flag is set during that check alone (it also
+    changes what ``save_pretrained`` writes, so it must not stay), and every other refusal of
+    the check (no trainable adapter, a compiled quantized model, a quantization method that
+    cannot train) still applies."""
+    import transformers.trainer as hf_trainer
+
+    original = getattr(hf_trainer, "validate_quantization_for_training", None)
+    if original is None:  # a transformers without that check
+        yield
+        return
+
+    def validate(model: nn.Module) -> None:
+        trainable = any(m.lora_A.requires_grad or m.lora_B.requires_grad
+                        for _, m in elastic_modules(model))
+        if not trainable or not getattr(model, "is_quantized", False):
+            return original(model)
+        had, previous = "_hf_peft_config_loaded" in model.__dict__, \
+            model.__dict__.get("_hf_peft_config_loaded")
+        model._hf_peft_config_loaded = True
+        try:
+            return original(model)
+        finally:
+            if had:
+                model._hf_peft_config_loaded = previous
+            else:
+                del model._hf_peft_config_loaded
+
+    hf_trainer.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = original
+
+
 def _holds_compiled_module(model: nn.Module) -> bool:
     """``torch.compile(model)`` (an OptimizedModule) or ``module.compile()`` anywhere inside."""
     return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
@@ -116,7 +156,8 @@ class NLSTrainer(Trainer):
         if nls_sample_every not in SAMPLE_EVERY:
             raise ValueError(f"nls_sample_every must be one of {list(SAMPLE_EVERY)}: "
                              f"{nls_sample_every!r}")
-        super().__init__(*args, **kwargs)
+        with _elastic_adapters_count_as_adapters():  # a 4-bit base (QLoRA-style) trains too
+            super().__init__(*args, **kwargs)
         self.nls_sample_every = nls_sample_every
         _warn_if_fsdp_dropped(self)
         self.nls_space = search_space(self.model)  # raises if there are no elastic adapters
