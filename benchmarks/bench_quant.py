@@ -20,7 +20,8 @@ Q/K/V/Up/Down, ranks 32/24/16, groups "qkv", lr 3e-4, LLM-Adapters math_data.jso
 heuristic sub-adapter), the held-out loss of (a) adapters trained on the fp32 Wanda base,
 merged, then quantized after the fact (INT4 g64), and (b) QA-SparsePEFT: quantized first,
 trained on the grid, merged; with the Wanda base and the Wanda + INT4 base as references.
-This is SQFT's claim that (b) recovers what (a) loses.
+This is SQFT's claim that (b) recovers what (a) loses. ``--nf4`` runs side (c) instead: the
+same adapters and NLS over the Wanda model reloaded in bitsandbytes NF4, unmerged.
 
 Disk: the Wanda 50% model written three ways (``save_pretrained`` fp32 and bf16, and
 ``export_compressed`` of the bf16 model quantized with each group size): the whole
@@ -148,6 +149,9 @@ def qa_loss(model, tok, args) -> dict[str, float]:
     rows["Wanda 50% + INT4 g64"] = evaluate_loss(_quantized(model, 64), val)
     sides = (("(a) sparse adapters, merged, then INT4 g64", False),
              ("(b) QA-SparsePEFT on INT4 g64, merged", True))
+    if args.nf4:
+        rows.update(nf4_side(model, tok, train, nls, val))
+        sides = ()
     for label, first_quantize in sides[1:] if args.only_qa else sides:
         m = _quantized(model, 64) if first_quantize else copy.deepcopy(model)
         torch.manual_seed(0)  # same adapter initialisation for both
@@ -162,6 +166,37 @@ def qa_loss(model, tok, args) -> dict[str, float]:
           "| value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value:.4f} |", flush=True)
+    return rows
+
+
+def _nf4_copy(model, folder: Path):
+    """``model`` saved and reloaded with bitsandbytes NF4 (fp32 compute on the CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not (folder / "config.json").is_file():
+        model.save_pretrained(folder)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q)
+
+
+def nf4_side(model, tok, train, nls, val) -> dict[str, float]:
+    """(c): the same sparse adapters and NLS (examples/sqft.py's train) over the Wanda model
+    reloaded in NF4, kept unmerged (a 4-bit base cannot be merged); the heuristic
+    sub-adapter. Two reloads: bitsandbytes repacks a 4-bit map on this CPU at its first
+    no-grad forward, after which adapters refuse it (docs/quantization.md)."""
+    import sqft
+
+    from shears import heuristic_config, set_config
+    from shears.evaluation import evaluate_loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {"Wanda 50% + NF4": evaluate_loss(_nf4_copy(model, Path(tmp) / "w"), val)}
+        m = _nf4_copy(model, Path(tmp) / "w")
+        torch.manual_seed(0)  # the adapter initialisation of (a) and (b)
+        sqft.train(m, tok, train, nls, Path(tmp))
+    set_config(m, heuristic_config(m))
+    rows["(c) sparse adapters over NF4, unmerged"] = evaluate_loss(m, val)
     return rows
 
 
@@ -182,6 +217,7 @@ def main() -> None:
     p.add_argument("--cutoff", type=int, default=128, help="--qa-loss: tokens per record")
     p.add_argument("--lr", type=float, default=3e-4, help="--qa-loss: learning rate")
     p.add_argument("--only-qa", action="store_true", help="--qa-loss: side (b) only")
+    p.add_argument("--nf4", action="store_true", help="--qa-loss: side (c) only (NF4 base)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
