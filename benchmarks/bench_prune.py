@@ -36,11 +36,12 @@ from random_llama import PRESETS, random_ids, random_llama, resolve_dtype
 from torch import nn
 
 from shears import wanda_prune
-from shears.evaluation.perplexity import perplexity, wikitext2_ids
+from shears.evaluation.perplexity import perplexity
 from shears.pruning.layers import linear_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
+from wikitext_protocol import protocol_ids  # noqa: E402  (benchmarks/, on sys.path)
 
 # implementation -> wanda_prune batch size (None: the reference below)
 IMPLS = {"reference": None, "shears (batch 1, default)": 1, "shears batch 8": 8}
@@ -236,12 +237,7 @@ def main() -> None:
         p.error("--blocks and --profile are for the random models")
 
     _, tok = load_smollm2()
-    ids = wikitext2_ids(tok, args.data)
-    half = ids.numel() // 2
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(half, ids.numel() - 257, (32,), generator=g)
-    calib = torch.stack([ids[s : s + 256] for s in starts.tolist()])
-    ppl_ids = ids[:half]
+    ids, calib, ppl_ids = protocol_ids(tok, args.data)
     print(f"WikiText-2 test: {ids.numel()} tokens; calibration {tuple(calib.shape)}; "
           f"device {args.device}; torch threads {torch.get_num_threads()}")
 

@@ -41,11 +41,12 @@ import torch
 from safetensors import safe_open
 
 from shears import export_compressed, quantize_base, wanda_prune
-from shears.evaluation.perplexity import perplexity, wikitext2_ids
+from shears.evaluation.perplexity import perplexity
 from shears.quantization import quantized_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
+from wikitext_protocol import protocol_ids  # noqa: E402  (benchmarks/, on sys.path)
 
 GROUPS = (64, 32)
 
@@ -227,12 +228,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(med, indent=2))
         return
     model, tok = load_smollm2()
-    ids = wikitext2_ids(tok, args.data)
-    half = ids.numel() // 2
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(half, ids.numel() - 257, (32,), generator=g)
-    calib = torch.stack([ids[s : s + 256] for s in starts.tolist()])
-    ppl_ids = ids[:half]
+    ids, calib, ppl_ids = protocol_ids(tok, args.data)
     print(f"WikiText-2 test: {ids.numel()} tokens; calibration {tuple(calib.shape)}; "
           f"{args.windows} windows; torch threads {torch.get_num_threads()}", flush=True)
     if args.qa_loss:

@@ -26,11 +26,12 @@ import torch
 import transformers as T
 
 from shears import wanda_prune
-from shears.evaluation.perplexity import perplexity, wikitext2_ids
+from shears.evaluation.perplexity import perplexity
 from shears.quantization.bnb import dequantized_weight, is_bnb_4bit, keep_trainable_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
+from wikitext_protocol import protocol_ids  # noqa: E402  (benchmarks/, on sys.path)
 
 
 def nf4(path: Path, trainable_layout: bool) -> torch.nn.Module:
@@ -65,12 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    ids = wikitext2_ids(tok, args.data)
-    half = ids.numel() // 2
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(half, ids.numel() - 257, (32,), generator=g)
-    calib = torch.stack([ids[s : s + 256] for s in starts.tolist()])
-    ppl_ids = ids[:half]
+    ids, calib, ppl_ids = protocol_ids(tok, args.data)
 
     def ppl(m):
         return perplexity(m, ppl_ids, 512, max_windows=args.windows, progress=False)
