@@ -1,0 +1,205 @@
+"""Does NLS close the gap to LoRA with budget, and does the search beat the heuristic?
+
+Issue 16's measurement on examples/reproduce.py's pieces (its flags apply: data split,
+validation slice, held-out tests, Wanda, adapters, authors' defaults):
+
+* ``train``: one Wanda-pruned model; LoRA r=32 and the NLS super-adapter [32, 24, 16]
+  trained on the same records for ``--steps`` optimizer steps (cosine, no warm-up, a
+  sub-adapter per micro-batch), the adapters saved at every step of ``--save-at`` and at
+  the end (``<out>/<lora|nls>/step-<n>``). Trainer checkpoints make a killed run resume.
+* ``curve``: validation and held-out test loss (response tokens of the test sets'
+  reference responses whose answer is right) of LoRA and of the NLS maximal, heuristic and
+  minimal sub-adapters at every saved step.
+
+    flock /tmp/shears-long.lock python benchmarks/search_budget.py --task math \\
+      --data ../shared/data --out outputs/search-math --phases train,curve
+
+``--report`` prints the markdown tables of what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import reproduce as rp  # noqa: E402
+
+import shears  # noqa: E402
+from shears.evaluation import InstructionCollator, evaluate_loss, instruction_dataset  # noqa: E402
+
+NAMED = ("maximal", "heuristic", "minimal")
+# reproduce.py's arguments for this measurement: docs/results.md's budget, the authors'
+# defaults (cosine, micro-batch sampling), 3x the steps.
+BASE = ["--epochs", "1", "--val-records", "32", "--nsamples", "32", "--calib-seqlen", "256",
+        "--threads", "1", "--lr-scheduler", "cosine", "--nls-sample-every", "micro_batch"]
+
+
+def parse(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=["math", "commonsense"], default="math")
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", required=False)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--save-at", default="40,80", help="steps at which adapters are saved too")
+    p.add_argument("--eval-records", type=int, default=40, help="held-out records per test set")
+    p.add_argument("--phases", default="train,curve")
+    p.add_argument("--smoke", action="store_true", help="tiny random Llama, seconds")
+    p.add_argument("--report", nargs="*", default=None, help="output folders to tabulate")
+    a, rest = p.parse_known_args(argv)
+    steps = 2 if a.smoke else a.steps
+    flags = [*BASE, "--task", a.task, "--records", str(16 * steps), "--steps", str(steps),
+             "--eval-records", str(a.eval_records), *rest]
+    if a.data:
+        flags += ["--data", a.data]
+    if a.smoke:
+        flags = ["--smoke", "--steps", str(steps), "--nls-sample-every", "micro_batch"]
+        a.save_at = "1"
+    args = rp.parse_args(flags)
+    args.save_at = sorted({int(s) for s in a.save_at.split(",") if s} | {steps})
+    args.phases = a.phases.split(",")
+    args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
+    return args, a.report
+
+
+class SaveAdaptersAt(TrainerCallback):
+    """``save_adapter`` at the given optimizer steps (after the update of that step)."""
+
+    def __init__(self, model, folder: Path, steps: list[int]) -> None:
+        self.model, self.folder, self.steps = model, folder, set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            target = self.folder / f"step-{state.global_step}"
+            shears.save_adapter(self.model, target)
+            rp.write_json(target / "done.json", {"step": state.global_step,
+                                                 "log_history": state.log_history})
+
+
+def train(model, tok, ranks, train_ds, args, folder: Path) -> None:
+    """Train adapters of ``ranks`` for ``args.steps``, saving at ``args.save_at``; resumes
+    from the newest Trainer checkpoint. Leaves the final adapters attached."""
+    final = folder / f"step-{args.steps}"
+    torch.manual_seed(args.seed)  # LoRA and NLS start from the same A (same shape at r_max)
+    shears.add_elastic_lora(model, args.targets, ranks=ranks, alpha=args.alpha,
+                            dropout=args.dropout, groups="qkv")
+    if (final / "done.json").is_file():
+        shears.load_adapter(model, final)
+        return
+    targs = TrainingArguments(
+        output_dir=str(folder / "trainer"), per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch,
+        learning_rate=args.lr, max_steps=args.steps, warmup_steps=0,
+        lr_scheduler_type=args.lr_scheduler, optim="adamw_torch", weight_decay=0.0,
+        logging_steps=max(1, args.steps // 40), save_strategy="steps",
+        save_steps=max(1, args.steps // 12), save_total_limit=1, report_to=[],
+        seed=args.seed, data_seed=args.seed, use_cpu=True)
+    trainer = shears.NLSTrainer(model=model, args=targs, train_dataset=train_ds,
+                                data_collator=InstructionCollator(tok), nls_seed=args.seed,
+                                nls_sample_every=args.nls_sample_every,
+                                callbacks=[SaveAdaptersAt(model, folder, args.save_at)])
+    resume = any((folder / "trainer").glob("checkpoint-*"))
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    rp.write_json(folder / "train_time.json", {"wall_s": time.perf_counter() - start,
+                                               "resumed": resume})
+    model.eval()
+
+
+def loss_rows(args, tests, val, tok):
+    rows = {n: rp.response_rows([r for r in recs if rp.rationale_is_right(r, n)], tok,
+                                args.cutoff) for n, recs in tests.items()}
+    return {n: r for n, r in rows.items() if r}, rp.response_rows(val, tok, args.cutoff)
+
+
+def losses(model, rows: dict, val, batch: int) -> dict:
+    """Validation loss, and held-out loss per test set and their mean."""
+    test = {n: evaluate_loss(model, r, batch_size=batch) for n, r in rows.items()}
+    return {"val": evaluate_loss(model, val, batch_size=batch), "tests": test,
+            "test_mean": sum(test.values()) / len(test)}
+
+
+def curve(model, kind: str, args, rows, val, out: Path) -> None:
+    """Losses of every saved step of ``kind`` (LoRA, or the NLS named sub-adapters)."""
+    path = out / f"curve-{kind}.json"
+    done = rp.read_json(path, {})
+    for step in args.save_at:
+        if str(step) in done:
+            continue
+        shears.load_adapter(model, out / kind / f"step-{step}")
+        configs = {"r32": None} if kind == "lora" else {
+            n: getattr(shears, f"{n}_config")(model) for n in NAMED}
+        entry = {}
+        for name, config in configs.items():
+            if config is not None:
+                shears.set_config(model, config)
+            entry[name] = losses(model, rows, val, args.eval_batch)
+            entry[name]["params"] = shears.adapter_parameters(model)
+            print(f"[curve] {kind} step {step} {name}: val {entry[name]['val']:.4f} "
+                  f"test {entry[name]['test_mean']:.4f}", flush=True)
+        done[str(step)] = entry
+        rp.write_json(path, done)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, report = parse(argv)
+    if report is not None:
+        for folder in report:
+            print(markdown(Path(folder)))
+        return
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    data = None if args.smoke else rp.find_data(args.data)
+    device, dtype = torch.device("cpu"), torch.float32
+    if args.smoke:
+        train_recs, val, tests = smoke_records()
+    else:
+        raw, kept, counts = rp.load_training(args.task, data)
+        train_recs, val = rp.split_training(kept, args, counts)
+        tests, test_counts = rp.load_tests(args, data, raw)
+        rp.write_json(out / "records.json", {"training": counts, "tests": test_counts})
+    model, tok = rp.load_model(args, device, dtype)
+    pruning = rp.prune(model, tok, args, data, train_recs, out)
+    print(f"[prune] sparsity {pruning['sparsity']:.2%}", flush=True)
+    train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
+    rows, val_rows = loss_rows(args, tests, val, tok)
+    for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
+        if "train" in args.phases:
+            train(model, tok, ranks, train_ds, args, out / kind)
+        elif "curve" in args.phases:
+            torch.manual_seed(args.seed)
+            shears.add_elastic_lora(model, args.targets, ranks=ranks, alpha=args.alpha,
+                                    dropout=args.dropout, groups="qkv")
+        if "curve" in args.phases:
+            curve(model, kind, args, rows, val_rows, out)
+        rp.strip_adapters(model)
+
+
+def smoke_records():
+    recs = [{"instruction": f"What is {i} + {i}?", "input": "", "output": f"{2 * i}",
+             "answer": str(2 * i), "task": "gsm8k"} for i in range(40)]
+    return recs[:32], recs[32:36], {"gsm8k": recs[36:]}
+
+
+def markdown(out: Path) -> str:
+    lines = [f"### {out.name}", "", "| adapter | step | params | val loss | held-out loss |",
+             "|---|---|---|---|---|"]
+    for kind in ("lora", "nls"):
+        done = rp.read_json(out / f"curve-{kind}.json", {})
+        for step, entry in sorted(done.items(), key=lambda kv: int(kv[0])):
+            for name, e in entry.items():
+                label = "LoRA r=32" if kind == "lora" else f"NLS {name}"
+                lines.append(f"| {label} | {step} | {e['params']:,} | {e['val']:.4f} | "
+                             f"{e['test_mean']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
