@@ -27,8 +27,8 @@ from shears.adapters import (
 from shears.adapters.inject import REQUIRES_GRAD_ATTR
 from shears.adapters.layer import check_flag
 from shears.quantization import check_scales, clear_grid, grid_of, qa_merged_weight
-from shears.quantization.record import refresh_grid_record
 from shears.quantization.bnb import is_bnb_4bit
+from shears.quantization.record import refresh_grid_record
 
 PROBE_SEED = 0
 
