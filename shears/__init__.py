@@ -2,7 +2,8 @@
 
 1. Pruning: :func:`calibration_data`, :func:`wanda_prune`, :func:`sparsity_report`.
    1b. A smaller base: :func:`quantize_base` (INT4 grid; sparse adapters over it train
-   quantization-aware, QA-SparsePEFT).
+   quantization-aware, QA-SparsePEFT); :func:`load_grid` restores the grid a
+   ``save_pretrained`` checkpoint saved.
 2. Super-adapter: :class:`ElasticLoRALinear`, :func:`add_elastic_lora`, :class:`NLSTrainer`,
    configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
    :func:`save_adapter` / :func:`load_adapter`.
@@ -41,6 +42,7 @@ from shears.export import (
     export_compressed,
     export_peft,
     load_adapter,
+    load_grid,
     merge_adapters,
     save_adapter,
     to_semi_structured,
@@ -75,6 +77,7 @@ __all__ = [
     "heuristic_config",
     "hill_climb",
     "load_adapter",
+    "load_grid",
     "make_evaluator",
     "maximal_config",
     "merge_adapters",

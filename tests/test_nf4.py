@@ -212,3 +212,57 @@ def test_a_layer_repacked_for_cpu_inference_is_refused(pruned_dir):
     with pytest.raises(ValueError, match="repacked"):
         add_elastic_lora(q, TARGETS, ranks=[16, 8])
     assert not list(elastic_modules(q))
+
+
+# issue 17 §4: the sparsity report reads 4-bit maps as their dequantized (out, in) weights
+
+def test_sparsity_report_counts_the_dequantized_4bit_maps(pruned_dir):
+    from shears import sparsity_report
+
+    fp = T.AutoModelForCausalLM.from_pretrained(pruned_dir)
+    q = load_nf4(pruned_dir)
+    quantized = {n for n, m in q.named_modules() if is_bnb_4bit(m)}
+    report, fp_report = sparsity_report(q), sparsity_report(fp)
+    assert [m.name for m in report.modules] == [m.name for m in fp_report.modules]
+    for row in report.modules:
+        w = fp.get_submodule(row.name).weight  # hand-written NF4 of the fp weight
+        assert row.name in quantized and row.shape == tuple(w.shape), row
+        assert (row.zeros, row.numel) == (int((nf4_round_trip(w) == 0).sum()), w.numel()), row
+    assert report.sparsity >= 0.5 > fp_report.sparsity - 1e-3
+    # totals: every parameter of the fp model, each 4-bit map by its dequantized entries
+    expected = 0
+    for name, p in fp.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        expected += int(torch.count_nonzero(nf4_round_trip(p) if module in quantized else p))
+    assert report.total_parameters == fp_report.total_parameters
+    assert report.nonzero_parameters == expected
+
+
+def test_sparsity_report_refuses_a_layer_repacked_for_cpu_inference(pruned_dir):
+    from shears import sparsity_report
+
+    q = load_nf4(pruned_dir)
+    with torch.no_grad():
+        q(random_ids(1, 8))  # eval, no grad: bitsandbytes may repack for AVX512-BF16
+    if not any(is_cpu_packed(m) for m in q.modules()):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    with pytest.raises(ValueError, match="repacked"):
+        sparsity_report(q)
+
+
+# issue 17 §10: the 4-bit model's real way out is named
+
+def test_export_compressed_and_quantize_base_name_export_peft_for_a_4bit_model(pruned_dir,
+                                                                                tmp_path):
+    from shears import export_compressed, quantize_base
+
+    q = load_nf4(pruned_dir)
+    with pytest.raises(ValueError, match=r"bitsandbytes.*export_peft"):
+        quantize_base(q, group_size=32)
+    pytest.importorskip("compressed_tensors")
+    with pytest.raises(ValueError, match=r"bitsandbytes.*export_peft"):
+        export_compressed(q, tmp_path / "a")
+    add_elastic_lora(q, TARGETS, ranks=[8])  # with adapters: not "merge them first"
+    with pytest.raises(ValueError, match=r"bitsandbytes.*export_peft"):
+        export_compressed(q, tmp_path / "b")
+    assert not any(tmp_path.iterdir())

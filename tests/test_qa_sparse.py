@@ -126,18 +126,38 @@ def test_bf16_base_merges_on_the_grid():
         assert torch.equal((q * s.float().repeat_interleave(32, 1)).bfloat16(), w)
 
 
-def test_saved_base_requantized_takes_the_saved_adapter(tmp_path):
-    """save_pretrained drops the scales; quantize_base on the reloaded on-grid base finds
-    the grid again, and load_adapter gives back the same QA model."""
-    import transformers as T
-
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qa_forward_follows_a_cast_and_merges_and_exports_after_it(dtype, tmp_path):
+    """Issue 17 §9: after model.to(dtype) the QA forward raised a raw dtype error (its
+    grid-point weight stayed fp32). Now it computes in the adapters' (cast) dtype, like the
+    other adapters, and the merge and the export follow: merged maps on their cast grid."""
+    reference = qa_model()
     model = qa_model()
+    model.to(dtype)
     ids = random_ids()
     with torch.no_grad():
         adapted = model(ids).logits
-    model.save_pretrained(tmp_path / "ckpt")  # on-grid base + super-adapter, no scales
-    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    shears.quantize_base(again, group_size=32)
-    shears.load_adapter(again, tmp_path / "ckpt")
+        fp32 = reference(ids).logits
+    assert adapted.dtype == dtype
+    # the same model up to the cast's rounding (an independent fp32 run)
+    torch.testing.assert_close(adapted.float(), fp32, rtol=0.05, atol=0.05)
+    shears.merge_adapters(model)
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        merged = model(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=0)
+    for lin in quantized_modules(model).values():
+        w, s = weight_matrix(lin), grid_of(lin).scale
+        assert w.dtype == s.dtype == dtype
+        rep = s.float().repeat_interleave(32, 1)
+        q = torch.round(w.float() / rep).clamp(-8, 7)
+        assert torch.equal((q * rep).to(dtype), w)
+    pytest.importorskip("compressed_tensors")
+    shears.export_compressed(model, tmp_path)
+    import transformers as T
+
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    with torch.no_grad():  # not bitwise: model.to(dtype) also cast rotary inv_freq, a reload
+        # keeps it fp32 (the first forward also decompresses the maps)
+        torch.testing.assert_close(again(ids).logits, merged, rtol=0.02, atol=0.02)
+    for name, lin in quantized_modules(model).items():  # the export packed them exactly
+        assert torch.equal(again.get_submodule(name).weight, lin.weight), name

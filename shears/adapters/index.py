@@ -45,8 +45,13 @@ def _as_int(rank: object, group: str) -> int:
 def validate_config(space: SearchSpace, config: Mapping[str, int]) -> Config:
     """Check a (possibly partial) configuration against a space; return it with plain ints.
 
-    Raises ``KeyError`` for an unknown group and ``ValueError`` for a rank outside its list.
+    Raises ``TypeError`` for a ``config`` that is not a mapping (a list of ranks, a string),
+    ``KeyError`` for an unknown group and ``ValueError`` for a rank outside its list.
     """
+    if not isinstance(config, Mapping):
+        example = {g: ranks[0] for g, ranks in list(space.items())[:1]}
+        raise TypeError(f"a configuration is a mapping group -> rank (e.g. {example}), got "
+                        f"{type(config).__name__} {config!r}")
     out: Config = {}
     for group, rank in config.items():
         if group not in space:

@@ -8,12 +8,14 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from shears.quantization import check_scales
 from shears.quantization.bnb import check_bnb_layer, is_bnb_4bit, keep_trainable_layout
 
 from .layer import (
     RANK_MODES,
     ElasticLoRALinear,
     check_alpha_dropout,
+    check_flag,
     layer_features,
     validate_ranks,
 )
@@ -33,6 +35,21 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
+def _suffixes(target_modules) -> list[str]:
+    """``target_modules`` as a non-empty list of name suffixes, or a ``TypeError``."""
+    what = (f"target_modules must be a regex (str) or a list of name suffixes, got "
+            f"{type(target_modules).__name__} {target_modules!r}")
+    try:
+        suffixes = list(target_modules)
+    except TypeError:
+        raise TypeError(what) from None
+    if any(not isinstance(s, str) for s in suffixes):
+        raise TypeError(what)
+    if not suffixes:
+        raise ValueError("target_modules is empty")
+    return suffixes
+
+
 def match_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Qualified names of the linear layers selected by ``target_modules``.
 
@@ -44,9 +61,7 @@ def match_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list
         pattern = re.compile(target_modules)
         matched = [n for n in names if pattern.fullmatch(n)]
     else:
-        suffixes = list(target_modules)
-        if not suffixes:
-            raise ValueError("target_modules is empty")
+        suffixes = _suffixes(target_modules)
         matched = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
     if not matched:
         short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -127,7 +142,7 @@ def add_elastic_lora(
             adapted, every other adapter is its own group), ``"layer"`` (one
             per decoder block) or a callable qualified-name -> group key.
         sparse_adapter: mask the update with the base weight's non-zeros (see
-            ``ElasticLoRALinear``).
+            ``ElasticLoRALinear``); True or False (numpy bools too), nothing else.
         rank_mode: ``"slice"`` (prefix views; the default) or ``"mask"`` (static shapes, so
             that ``torch.compile`` keeps one graph while the ranks change every step; see
             ``ElasticLoRALinear`` and docs/training.md).
@@ -143,6 +158,7 @@ def add_elastic_lora(
         raise ValueError("elastic LoRA adapters are already applied to this model")
     ranks = validate_ranks(ranks)
     check_alpha_dropout(alpha, dropout)
+    sparse_adapter = check_flag("sparse_adapter", sparse_adapter)
     if rank_mode not in RANK_MODES:
         raise ValueError(f"rank_mode must be one of {list(RANK_MODES)}, got {rank_mode!r}")
     names = match_targets(model, target_modules)
@@ -157,6 +173,8 @@ def add_elastic_lora(
         if not isinstance(key, str):
             raise TypeError(f"group keys must be strings, got {key!r} for {name}")
         plan.append((name, base, key))
+        if sparse_adapter:  # QA-SparsePEFT over a broken grid would train on NaN
+            check_scales(name, base)
     # Backward of NLS goes through every 4-bit map, adapted or not (QLoRA-style base)
     quantized = [(n, m) for n, m in model.named_modules() if is_bnb_4bit(m)]
     for name, m in quantized:

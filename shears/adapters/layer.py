@@ -27,12 +27,13 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from shears.quantization import grid_of, qa_linear
+from shears.quantization import check_scales, grid_of, qa_linear
 from shears.quantization.bnb import (
     check_bnb_layer,
     dequantized_weight,
@@ -83,6 +84,14 @@ def check_alpha_dropout(alpha: float, dropout: float) -> None:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if not 0 <= dropout < 1:  # False for NaN too
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a plain bool; ``TypeError`` for anything else ("no", 0, None): a flag
+    read by truthiness would take ``"no"`` for True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def layer_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -147,6 +156,9 @@ class ElasticLoRALinear(nn.Module):
         if isinstance(base_layer, ElasticLoRALinear):
             raise ValueError("this layer already carries an elastic LoRA adapter")
         check_alpha_dropout(alpha, dropout)  # before the base layer is frozen below
+        sparse_adapter = check_flag("sparse_adapter", sparse_adapter)
+        if sparse_adapter:  # QA-SparsePEFT: a NaN/zero scale would round the map to NaN
+            check_scales(type(base_layer).__name__, base_layer)
         self.in_features, self.out_features = layer_features(base_layer)
         if is_bnb_4bit(base_layer):
             check_bnb_layer(base_layer, type(base_layer).__name__)
@@ -158,7 +170,7 @@ class ElasticLoRALinear(nn.Module):
         self.r_max = self.ranks[0]
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r_max
-        self.sparse_adapter = bool(sparse_adapter)
+        self.sparse_adapter = sparse_adapter
         if grid_of(base_layer) is not None and not self.sparse_adapter:
             warnings.warn(DENSE_OVER_GRID, UserWarning, stacklevel=2)
         self.group = group

@@ -15,9 +15,12 @@ after merging them into the base).
 The layout also carries a cheap fingerprint of the base (``base_fingerprint``: per adapted
 map its shape, its zero count and two fp64 sums over a strided sample of at most about
 64 x 64 weights), so that ``load_adapter`` can refuse a base other than the one the adapters
-were trained on. ``save_adapter`` computes it when it writes; the entry on ``model.config``
-computes it afresh whenever the config is serialised (``config.json``), so it describes the
-base as saved, also when the base was pruned or loaded after ``add_elastic_lora``.
+were trained on, and the grid state of each adapted map's base (``base_grid``: bits and
+group size of ``quantize_base``'s grid, or None), which the fingerprint cannot see and which
+makes a sparse adapter QA-SparsePEFT. ``save_adapter`` computes both when it writes; the
+entry on ``model.config`` computes them afresh whenever the config is serialised
+(``config.json``), so it describes the base as saved, also when the base was pruned or
+loaded (or its grid restored) after ``add_elastic_lora``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from shears.quantization import grid_state
+
 from .index import elastic_modules
 
 try:  # FSDP2 shards the base as DTensors: gathering it for a fingerprint would cost a model
@@ -42,6 +47,10 @@ METADATA_KEY = "shears_super_adapter"
 FORMAT = "shears-super-adapter"
 FORMAT_VERSION = 1
 FINGERPRINT_KEY = "base_fingerprint"
+# module -> [bits, group_size] of the grid its base carries (quantize_base), or None. The
+# fingerprint cannot see a grid (the base's weights are the same with or without one), but
+# a sparse adapter over a grid computes another function (QA-SparsePEFT: Q(W + delta)).
+GRID_STATE_KEY = "base_grid"
 SAMPLE_SIDE = 64  # the strided sample takes every (out // 64)-th row and (in // 64)-th column
 # A base cast to another dtype must pass: fp16 flushes weights below 6e-8 to zero (about 2 in a
 # million for weights of std 0.02), and bf16 rounding moves the sample sums by ~1e-5
@@ -105,6 +114,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]] | None:
     return out
 
 
+def base_grid(model: nn.Module) -> dict[str, list[int] | None]:
+    """``{module: [bits, group_size] or None}``: the grid state of every adapter's base."""
+    return {name: grid_state(m.base_layer) for name, m in elastic_modules(model)}
+
+
 def shared_attribute(modules: list[tuple[str, Any]], attr: str) -> Any:
     """The one value of ``attr`` that every ``(name, adapter)`` of ``modules`` holds."""
     values = {getattr(m, attr) for _, m in modules}
@@ -119,9 +133,10 @@ def adapter_layout(model: nn.Module, fingerprint: bool = True) -> dict[str, Any]
 
     Keys: ``format``, ``version``, ``targets`` (qualified names, module order), ``ranks``,
     ``alpha``, ``dropout``, ``sparse_adapter``, ``rank_mode``, ``groups`` (module -> group key)
-    ``shapes`` (module -> [out, in]) and, with ``fingerprint``, ``base_fingerprint``
-    (module -> :func:`weight_fingerprint` of its base now; None under FSDP or on the meta
-    device); all JSON-serialisable.
+    ``shapes`` (module -> [out, in]), ``base_grid`` (module -> ``[bits, group_size]`` of the
+    grid ``quantize_base`` put on its base, or None) and, with ``fingerprint``,
+    ``base_fingerprint`` (module -> :func:`weight_fingerprint` of its base now; None under
+    FSDP or on the meta device); all JSON-serialisable.
     """
     modules = list(elastic_modules(model))
     if not modules:
@@ -137,6 +152,7 @@ def adapter_layout(model: nn.Module, fingerprint: bool = True) -> dict[str, Any]
         "rank_mode": shared_attribute(modules, "rank_mode"),
         "groups": {name: (m.group if m.group is not None else name) for name, m in modules},
         "shapes": {name: [m.out_features, m.in_features] for name, m in modules},
+        GRID_STATE_KEY: base_grid(model),
         FINGERPRINT_KEY: base_fingerprint(model) if fingerprint else None,
     }
 
@@ -155,6 +171,7 @@ class _LiveLayout(dict):
         out = copy.deepcopy(dict(self))
         model = self._model()
         if model is not None and [n for n, _ in elastic_modules(model)] == self["targets"]:
+            out[GRID_STATE_KEY] = base_grid(model)  # load_grid may have come after the adapters
             fp = base_fingerprint(model)
             if fp is not None:
                 out[FINGERPRINT_KEY] = fp

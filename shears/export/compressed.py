@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from shears.quantization import grid_of, quantized_modules, require
+from shears.quantization import check_scales, grid_of, quantized_modules, require
+from shears.quantization.bnb import is_bnb_4bit
 from shears.quantization.grid import on_grid
+from shears.quantization.quantize import BNB_WAY_OUT
 
 
 @dataclass
@@ -39,8 +41,24 @@ class CompressedExport:
     bf16_bytes: int
 
 
+def _refuse_other_quantization(model: nn.Module) -> None:
+    """A model quantized by another library (bitsandbytes NF4, a transformers quantizer) has
+    no grid of ``quantize_base`` and cannot get one (``quantize_base`` refuses it): name the
+    way out that works for it instead of "quantize it first"."""
+    bnb = next((n for n, m in model.named_modules() if is_bnb_4bit(m)), None)
+    if bnb is not None:
+        raise ValueError(f"the model's maps are bitsandbytes 4-bit (e.g. {bnb}), which "
+                         "compressed-tensors' INT4 checkpoint cannot hold and quantize_base "
+                         f"cannot re-grid: {BNB_WAY_OUT}")
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model was loaded by a transformers quantizer; save it with "
+                         "model.save_pretrained (export_compressed writes models on the grid "
+                         "of shears.quantize_base)")
+
+
 def _check(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized maps, after every refusal (nothing is written before)."""
+    _refuse_other_quantization(model)
     carrier = next((n for n, m in model.named_modules() if hasattr(m, "lora_A")), None)
     if carrier is not None:
         raise ValueError(f"the model still carries adapters ({carrier or 'the model'}); merge "
@@ -53,6 +71,7 @@ def _check(model: nn.Module) -> dict[str, nn.Module]:
         if type(m) is not nn.Linear:
             raise ValueError(f"{name} is a {type(m).__name__}; compressed-tensors packs "
                              "nn.Linear maps only")
+        check_scales(name, m)  # a NaN scale is named as such, not as "off its grid"
         grid = grid_of(m)
         if not on_grid(m.weight.data, grid.scale, grid.bits):
             raise ValueError(f"{name}: its weight is no longer on its grid (changed after "
@@ -82,8 +101,10 @@ def export_compressed(model: nn.Module, directory: str | os.PathLike,
         save_kwargs: passed to ``model.save_pretrained``.
 
     Raises:
-        ValueError: adapters still present (use ``merge_adapters``), no grid (use
-            ``quantize_base``), a map off its grid, a ``Conv1D`` map, mixed grids.
+        ValueError: a bitsandbytes 4-bit model (the message names ``export_peft``, its way
+            out), adapters still present (use ``merge_adapters``), no grid (use
+            ``quantize_base``), a map whose recorded scales are NaN/inf or not positive, a
+            map off its grid, a ``Conv1D`` map, mixed grids.
         ImportError: compressed-tensors missing (the ``quant`` extra).
     """
     maps = _check(model)

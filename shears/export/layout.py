@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from shears.adapters import adapter_layout, elastic_modules
-from shears.adapters.metadata import FINGERPRINT_KEY
+from shears.adapters.metadata import FINGERPRINT_KEY, GRID_STATE_KEY
 
 # Layout entries keyed by module name (renamed with the modules); "groups" values are the
 # group keys the saved configuration uses, and stay as saved.
-_PER_MODULE = ("groups", "shapes", FINGERPRINT_KEY)
+_PER_MODULE = ("groups", "shapes", FINGERPRINT_KEY, GRID_STATE_KEY)
 # Fields of the layout that change the adapters' maths. rank_mode does not (slice and mask
 # compute the same function), so a model already carrying adapters keeps its own.
 FIELDS = ("ranks", "alpha", "dropout", "sparse_adapter")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -24,8 +25,10 @@ from shears.adapters import (
     set_config,
 )
 from shears.adapters.inject import REQUIRES_GRAD_ATTR
-from shears.quantization import clear_grid, grid_of, qa_merged_weight
+from shears.adapters.layer import check_flag
+from shears.quantization import check_scales, clear_grid, grid_of, qa_merged_weight
 from shears.quantization.bnb import is_bnb_4bit
+from shears.quantization.record import refresh_grid_record
 
 PROBE_SEED = 0
 
@@ -180,6 +183,27 @@ def _refuse_4bit_base(modules: list[tuple[str, ElasticLoRALinear]]) -> None:
             " docs/quantization.md) and merge that.")
 
 
+def _check_arguments(config, keep_sparsity, probe_tokens) -> None:
+    """The types of merge_adapters' arguments (a flag read by truthiness would take "no" for
+    True; a list of ranks is not a configuration)."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config: a configuration is a mapping group -> rank, or None for the "
+                        f"active one; got {type(config).__name__} {config!r}")
+    if keep_sparsity is not None:
+        check_flag("keep_sparsity", keep_sparsity)
+    if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, Integral) \
+            or probe_tokens < 1:
+        raise ValueError(f"probe_tokens must be a positive int, got {probe_tokens!r}")
+
+
+def _refuse_broken_grids(modules: list[tuple[str, ElasticLoRALinear]]) -> None:
+    """A NaN, inf or zero scale would merge into NaN weights (and export would then call the
+    map "off its grid"): refuse it here, naming the map, before anything changes."""
+    for name, m in modules:
+        if m.sparse_adapter:
+            check_scales(name, m.base_layer)
+
+
 def _restore_requires_grad(model: nn.Module) -> None:
     """Give every parameter back the requires_grad recorded by add_elastic_lora."""
     for owner in model.modules():
@@ -248,7 +272,12 @@ def merge_adapters(
             removed ``||X (delta * (W == 0))^T|| / ||X delta^T||``, mean and max over the
             masked layers. ``False`` adds the whole update (exact, but the base loses its
             zeros) and warns with the merged maps' sparsity before and after.
-        probe_tokens: rows of the Gaussian probe behind the ``keep_sparsity=True`` warning.
+        probe_tokens: rows of the Gaussian probe behind the ``keep_sparsity=True`` warning,
+            a positive int.
+
+    Raises ``TypeError`` for a ``config`` that is not a mapping and a ``keep_sparsity`` that
+    is not None or a bool; ``ValueError`` for the refusals above, a 4-bit base, a map whose
+    recorded grid has NaN/inf or non-positive scales (QA-SparsePEFT), a bad ``probe_tokens``.
 
     An adapted ``lm_head`` whose weight is tied to the input embeddings gets its own weight
     (the embeddings keep theirs) and ``config.tie_word_embeddings`` becomes False, so that
@@ -262,7 +291,9 @@ def merge_adapters(
     if not modules:
         raise ValueError("the model carries no elastic LoRA adapters; nothing to merge")
     # Checks only, up to set_config (which validates the whole config before applying it).
+    _check_arguments(config, keep_sparsity, probe_tokens)
     _refuse_4bit_base(modules)
+    _refuse_broken_grids(modules)
     if keep_sparsity is None:
         keep_sparsity = _default_keep_sparsity(modules)
     untie = _shared_bases(model, modules)
@@ -282,5 +313,6 @@ def merge_adapters(
     for _, base, sharer in untie:  # the copy trains as the shared weight did
         base.weight.requires_grad_(model.get_parameter(sharer).requires_grad)
     clear_adapter_metadata(model)  # config.json must not describe adapters that are gone
+    refresh_grid_record(model)  # nor grids that a dense merge forgot
     _warn(merged, keep_sparsity, probe_tokens)
     return model

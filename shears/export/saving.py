@@ -39,16 +39,19 @@ from shears.adapters import (
     set_config,
     validate_config,
 )
-from shears.adapters.layer import layer_features
+from shears.adapters.layer import check_flag, layer_features
 from shears.adapters.metadata import (
     FINGERPRINT_KEY,
     FORMAT,
     FORMAT_VERSION,
+    GRID_STATE_KEY,
     fingerprint_difference,
     weight_fingerprint,
 )
 from shears.pruning.layers import weight_matrix
+from shears.quantization import grid_state
 from shears.quantization.bnb import dequantized_weight, is_bnb_4bit
+from shears.quantization.record import describe_state
 
 from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
 from .layout import check_layout, relative_to
@@ -136,6 +139,42 @@ def _check_base(model: nn.Module, meta: dict[str, Any]) -> None:
                              "pruned model), or pass check_base=False to load anyway.")
 
 
+def _grid_advice(saved: list[int] | None, have: list[int] | None) -> str:
+    """How to get the base the adapters need, for one grid mismatch."""
+    if have is None:
+        return ("Restore the base's grid: shears.load_grid(model, checkpoint) for a "
+                "save_pretrained checkpoint of the quantized base, or shears.quantize_base("
+                f"model, bits={saved[0]}, group_size={saved[1]}) on the same unquantized "
+                "pruned base")
+    if saved is None:
+        return ("Load them onto the base they were trained on, without a grid (the pruned "
+                "model before quantize_base)")
+    return "Load them onto the base quantized as it was when they were saved"
+
+
+def _check_grid(model: nn.Module, meta: dict[str, Any]) -> None:
+    """The grid state of each adapted base against the saved one (none in files written
+    before it existed: unchecked, assumed to be the base's own). Sparse adapters only: over
+    a grid they are QA-SparsePEFT (forward ``Q(W + delta)`` on the grid), without one plain
+    SparsePEFT, so a mismatch changes the function in either direction; a dense adapter's
+    forward ``base(x) + update`` does not depend on the grid."""
+    saved_states = meta.get(GRID_STATE_KEY)
+    if saved_states is None or not meta["sparse_adapter"]:
+        return
+    for name in [t for t in meta["targets"] if t in saved_states]:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, ElasticLoRALinear) else module
+        saved = None if saved_states[name] is None else list(saved_states[name])
+        have = grid_state(base)
+        if saved != have:
+            raise ValueError(
+                f"{name}: the sparse adapters were saved over {describe_state(saved)}, and "
+                f"this base has {describe_state(have)}. Over a grid they train and compute "
+                "quantization-aware (QA-SparsePEFT: Q(W + delta) on the grid), without one as "
+                "plain SparsePEFT, so here they would compute another function. "
+                f"{_grid_advice(saved, have)}, or pass check_base=False to load anyway.")
+
+
 def _check_shapes(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
     """Saved A (r_max, in) and B (out, r_max) must fit the JSON and the model's base layers."""
     r_max = max(meta["ranks"])
@@ -183,8 +222,14 @@ def load_adapter(
     field (targets, ranks, alpha, dropout, sparse_adapter, groups, shapes; its own
     ``rank_mode`` is kept, as it does not change the maths); the configuration; and, with
     ``check_base``, the base against the fingerprint saved with the adapters (zero count and
-    a sample checksum per map; files saved without one skip it).
+    a sample checksum per map; files saved without one skip it) and, for sparse adapters,
+    each base's grid state (``quantize_base``'s bits and group size, or none) against the
+    saved one, in both directions: QA-SparsePEFT adapters need their grid (restore it with
+    ``shears.load_grid``), plain SparsePEFT adapters a base without one (files saved before
+    the grid state was recorded skip it: the base is assumed to be the one they were saved
+    over).
     """
+    check_base = check_flag("check_base", check_base)
     directory = Path(directory)
     if (directory / CONFIG_NAME).is_file():
         meta, tensors = _read_saved_adapter(directory)
@@ -198,7 +243,8 @@ def load_adapter(
     space = {g: sorted(meta["ranks"], reverse=True) for g in meta["groups"].values()}
     validate_config(space, meta["config"])
     check_layout(model, meta)
-    if check_base:
+    if check_base:  # the grid first: a re-gridded base fails the fingerprint too
+        _check_grid(model, meta)
         _check_base(model, meta)
     _attach(model, meta)
     for name, m in elastic_modules(model):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .layers import find_decoder_blocks, linear_modules, weight_matrix
+from .packed import dequantize_4bit, is_bnb_4bit
 
 
 @dataclass
@@ -75,10 +76,32 @@ class SparsityReport:
         return "\n".join(lines)
 
 
+def _counts_4bit(model: nn.Module) -> dict[str, tuple[tuple[int, int], int]]:
+    """Module name -> ((out, in), zeros) of every bitsandbytes 4-bit map, read from its
+    dequantized weight (the stored one is packed codes, (out * in / 2, 1) uint8), one map at
+    a time so that no more than one fp copy exists at once."""
+    counts = {}
+    for name, m in model.named_modules():
+        if is_bnb_4bit(m):
+            w = dequantize_4bit(m, name)
+            counts[name] = (tuple(w.shape), int((w == 0).sum()))
+    return counts
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module, modules: list[str] | None = None) -> SparsityReport:
-    """Report the sparsity of ``modules`` (qualified names; default: every linear map of
-    the decoder blocks) and the model's parameter totals."""
+    """Report the sparsity of ``modules`` (a list of qualified names; default: every linear
+    map of the decoder blocks) and the model's parameter totals.
+
+    A bitsandbytes 4-bit map is reported as its dequantized (out, in) weight (NF4 keeps every
+    pruned zero, and adds those of small weights rounded to its zero code), and counted so in
+    the totals; one repacked for bitsandbytes' CPU inference kernel is refused
+    (``ValueError``): report it before its first eval forward, or on the fp checkpoint.
+    """
+    if isinstance(modules, (str, bytes)):
+        raise TypeError(f"modules must be a list of qualified names, got the string "
+                        f"{modules!r} (wrap it: [{modules!r}])")
+    packed = _counts_4bit(model)
     if modules is None:
         prefix, blocks = find_decoder_blocks(model)
         table = {}
@@ -92,12 +115,26 @@ def sparsity_report(model: nn.Module, modules: list[str] | None = None) -> Spars
         table = {n: named[n] for n in modules}
     rows = []
     for name, module in table.items():
+        if name in packed:
+            shape, zeros = packed[name]
+            rows.append(ModuleSparsity(name, shape, zeros, shape[0] * shape[1]))
+            continue
         w = weight_matrix(module)
         rows.append(ModuleSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel()))
     params = list(model.named_parameters())  # skips tied duplicates (embeddings = lm_head)
+    total = nonzero = 0
+    for n, p in params:
+        owner, _, leaf = n.rpartition(".")
+        if leaf == "weight" and owner in packed:  # packed codes: count the (out, in) weight
+            shape, zeros = packed[owner]
+            total += shape[0] * shape[1]
+            nonzero += shape[0] * shape[1] - zeros
+        else:
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p))
     return SparsityReport(
         modules=rows,
-        total_parameters=sum(p.numel() for _, p in params),
-        nonzero_parameters=sum(int(torch.count_nonzero(p)) for _, p in params),
+        total_parameters=total,
+        nonzero_parameters=nonzero,
         adapter_parameters=sum(p.numel() for n, p in params if "lora_" in n and p.requires_grad),
     )

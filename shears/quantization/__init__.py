@@ -4,23 +4,29 @@ QA-SparsePEFT (SQFT), built from the ecosystem's parts (the ``quant`` extra)."""
 from .grid import dequantize, fake_quantize, fake_quantize_ste, group_scales, quantize
 from .optional import require
 from .qa import qa_linear, qa_merged_weight, qa_weight
-from .quantize import (
+from .quantize import QuantizationReport, quantize_base
+from .record import (
     Grid,
-    QuantizationReport,
+    check_scales,
     clear_grid,
     grid_of,
-    quantize_base,
+    grid_record,
+    grid_state,
     quantized_modules,
+    recorded_grid,
 )
 
 __all__ = [
     "Grid",
     "QuantizationReport",
+    "check_scales",
     "clear_grid",
     "dequantize",
     "fake_quantize",
     "fake_quantize_ste",
     "grid_of",
+    "grid_record",
+    "grid_state",
     "group_scales",
     "qa_linear",
     "qa_merged_weight",
@@ -28,5 +34,6 @@ __all__ = [
     "quantize",
     "quantize_base",
     "quantized_modules",
+    "recorded_grid",
     "require",
 ]

@@ -3,6 +3,8 @@
 Nothing here imports bitsandbytes at module import: a layer can only be a ``Linear4bit`` if
 bitsandbytes is already imported (transformers imports it to load a 4-bit model), so
 ``is_bnb_4bit`` looks it up in ``sys.modules`` and shears works without the ``quant`` extra.
+``is_bnb_4bit``, ``is_cpu_packed`` and the dequantization live in ``shears.pruning.packed``
+(the sparsity report, in ``pruning``, reads 4-bit maps too) and are re-exported here.
 
 NF4 has an exact zero (code 7 of the 16), so a pruned weight quantized to NF4 keeps every
 zero: ``dequantized_weight`` returns 0.0 exactly wherever the fp weight was 0 (and also where
@@ -11,30 +13,15 @@ a small non-zero weight rounds to the zero code).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
+from shears.pruning.packed import dequantize_4bit, is_bnb_4bit, is_cpu_packed
+
 from .optional import require
 
-
-def is_bnb_4bit(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a bitsandbytes ``Linear4bit`` (NF4 or FP4)."""
-    bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and isinstance(layer, bnb.nn.Linear4bit)
-
-
-def is_cpu_packed(layer: nn.Module) -> bool:
-    """Whether bitsandbytes has repacked this layer for its AVX512-BF16 CPU kernel.
-
-    ``Linear4bit.forward`` does so, in place and for good, at the first forward in eval mode
-    without grad on a CPU with AVX512-BF16: the absmax becomes bf16, and backward through the
-    packed kernel gives no gradient to the layer's input (bitsandbytes 0.50 warns "an
-    autograd kernel was not registered"), so adapters below it would silently not learn.
-    """
-    state = getattr(getattr(layer, "weight", None), "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
+__all__ = ["check_bnb_layer", "dequantized_weight", "is_bnb_4bit", "is_cpu_packed",
+           "keep_trainable_layout"]
 
 
 def keep_trainable_layout(layer: nn.Module) -> None:
@@ -62,6 +49,5 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     layer was quantized from (``quant_state.dtype``); a new tensor, not a view."""
     if is_cpu_packed(layer):
         check_bnb_layer(layer, type(layer).__name__)
-    bnb = require("bitsandbytes")
-    w = layer.weight
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    require("bitsandbytes")
+    return dequantize_4bit(layer, type(layer).__name__)

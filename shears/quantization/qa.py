@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grid import fake_quantize_ste
-from .quantize import Grid
+from .record import Grid
 
 
 def qa_weight(w: torch.Tensor, delta: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -27,11 +27,18 @@ def qa_weight(w: torch.Tensor, delta: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def qa_linear(x: torch.Tensor, base_layer: nn.Module, w: torch.Tensor, delta: torch.Tensor,
               grid: Grid) -> torch.Tensor:
-    """x: (..., in) fp32 -> (..., out) in ``w.dtype``: ``x @ qa_weight(w, delta).T + bias``,
-    computed in fp32 (SQFT applies the adapter's dropout to ``x`` for the whole product)."""
-    wq = qa_weight(w, delta, grid)
+    """x: (..., in) in the adapters' dtype -> (..., out) in ``w.dtype``:
+    ``x @ qa_weight(w, delta).T + bias`` (SQFT applies the adapter's dropout to ``x`` for the
+    whole product).
+
+    The product runs in ``x``'s dtype: fp32 for fp32 adapters (the default, whatever the
+    base), or the dtype of a later ``model.to(torch.bfloat16)``, which casts the adapters
+    with the base, as the other adapters' update follows it. The grid point itself is exact
+    in the base's dtype (its scales are), so casting it to ``x``'s loses nothing there.
+    """
+    wq = qa_weight(w, delta, grid).to(x.dtype)
     bias = getattr(base_layer, "bias", None)
-    out = F.linear(x, wq, None if bias is None else bias.to(wq.dtype))
+    out = F.linear(x, wq, None if bias is None else bias.to(x.dtype))
     return out.to(w.dtype)
 
 

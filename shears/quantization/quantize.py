@@ -2,66 +2,35 @@
 
 The quantized model stays an ordinary model: every quantized map is still a plain
 ``nn.Linear`` / ``Conv1D`` whose weight holds the dequantized values ``q * s`` (exactly on
-the grid), and the grid is recorded on the module: a non-persistent buffer ``weight_scale``
+the grid), and the grid is recorded on the module: a buffer ``weight_scale``
 (out, in // group_size) in the weight's dtype, and the ints ``quant_bits``,
-``quant_group_size``. So forward, ``save_pretrained``, ``Trainer``, ``to()`` work unchanged,
-the checkpoint keeps the stock key set, and the grid travels with the live model to the
-adapters (QA-SparsePEFT), to ``merge_adapters`` and to ``export_compressed``.
+``quant_group_size`` (``record.py``). So forward, ``save_pretrained``, ``Trainer``, ``to()``
+work unchanged, the checkpoint holds the stock keys plus ``<map>.weight_scale`` (which plain
+``from_pretrained`` skips; ``shears.load_grid`` reads it back), and the grid travels with
+the live model to the adapters (QA-SparsePEFT), to ``merge_adapters`` and to
+``export_compressed``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from shears.pruning.layers import prunable_modules, weight_matrix
 
-from .grid import fake_quantize, group_scales, int_range
+from .grid import BITS, fake_quantize, group_scales
+from .record import GRID_KEY, describe_state, grid_of, record_grid, recorded_grid, set_grid
 
-SCALE = "weight_scale"
-BITS_ATTR = "quant_bits"
-GROUP_ATTR = "quant_group_size"
 METHODS = ("rtn",)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The grid of one quantized map: scales (out, in // group_size), bits, group size."""
-
-    scale: torch.Tensor
-    bits: int
-    group_size: int
-
-
-def grid_of(module: nn.Module) -> Grid | None:
-    """The :class:`Grid` recorded by :func:`quantize_base` on ``module``, else ``None``."""
-    bits = getattr(module, BITS_ATTR, None)
-    scale = getattr(module, SCALE, None)
-    if bits is None or not isinstance(scale, torch.Tensor):
-        return None
-    return Grid(scale, bits, getattr(module, GROUP_ATTR))
-
-
-def set_grid(module: nn.Module, scale: torch.Tensor, bits: int, group_size: int) -> None:
-    """Record the grid on a plain linear map (the buffer is not saved in state dicts)."""
-    module.register_buffer(SCALE, scale, persistent=False)
-    setattr(module, BITS_ATTR, bits)
-    setattr(module, GROUP_ATTR, group_size)
-
-
-def clear_grid(module: nn.Module) -> None:
-    """Forget the grid of ``module`` (its weights are left as they are)."""
-    if SCALE in module._buffers:
-        del module._buffers[SCALE]
-    module.__dict__.pop(BITS_ATTR, None)
-    module.__dict__.pop(GROUP_ATTR, None)
-
-
-def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> module for every map carrying a grid of :func:`quantize_base`."""
-    return {n: m for n, m in model.named_modules() if grid_of(m) is not None}
+# A 4-bit model of bitsandbytes has no fp weight to put on a grid; what to do instead.
+BNB_WAY_OUT = (
+    "a bitsandbytes 4-bit base stays as it is: keep the adapters unmerged and ship the "
+    "sub-adapter with shears.export_peft(model, directory, config) (stock PEFT over the same "
+    "4-bit base); for one INT4 model, reload the unquantized pruned checkpoint (without "
+    "BitsAndBytesConfig), quantize_base it and train QA-SparsePEFT")
 
 
 @dataclass
@@ -89,7 +58,10 @@ class QuantizationReport:
 
 def _already_quantized(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
     """Why the model counts as quantized already (shears, bitsandbytes, compressed-tensors,
-    any transformers quantizer), or ``None``."""
+    any transformers quantizer, a checkpoint saved on a grid), or ``None``."""
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("bitsandbytes"):
+            return f"{name} is a bitsandbytes {type(m).__name__}; {BNB_WAY_OUT}"
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         return "its config carries a quantization_config"
     if getattr(model, "hf_quantizer", None) is not None:
@@ -97,22 +69,53 @@ def _already_quantized(model: nn.Module, modules: dict[str, nn.Module]) -> str |
     for name, m in model.named_modules():
         if grid_of(m) is not None or hasattr(m, "quantization_scheme"):
             return f"{name} is quantized already"
-        if type(m).__module__.startswith("bitsandbytes"):
-            return f"{name} is a bitsandbytes {type(m).__name__}"
+    record = recorded_grid(model)
+    if record and record.get("maps"):
+        name, state = next(iter(record["maps"].items()))
+        return (f"its config records that {len(record['maps'])} maps were saved on a grid "
+                f"({GRID_KEY}: e.g. {name} on {describe_state(state)}), and re-gridding "
+                "would move every weight of a group that a merge left off max|q| = qmax. "
+                "Restore the saved grid with shears.load_grid(model, checkpoint_directory); "
+                f"to quantize afresh anyway, delete model.config.{GRID_KEY} first")
     for name, m in modules.items():
         if not m.weight.is_floating_point():
             return f"{name} holds a {m.weight.dtype} weight"
     return None
 
 
-def _check(model: nn.Module, modules: dict[str, nn.Module], bits: int, group_size: int,
-           method: str) -> None:
-    int_range(bits)  # ValueError for unsupported bits
+def _as_int(name: str, value, allowed: tuple[int, ...] | None = None) -> int:
+    """``value`` as a plain int (Python or numpy ints; not bools, not floats such as 4.0)."""
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if not ok or (allowed is not None and int(value) not in allowed) or int(value) < 1:
+        want = f"one of {list(allowed)}" if allowed else "a positive int"
+        raise ValueError(f"{name} must be {want} (an int), got {value!r}")
+    return int(value)
+
+
+def _check_weights(modules: dict[str, nn.Module]) -> None:
+    """Every map has data (not the meta device) and finite weights: a NaN makes its group's
+    scale NaN-blind (the group's good weights round to 0), an inf turns the group into NaN.
+    One ``aminmax`` per weight (as ``wanda_prune``); the count only on failure."""
+    for name, m in modules.items():
+        w = m.weight
+        if w.is_meta:
+            raise ValueError(f"{name}: the weight is on the meta device (no data); load or "
+                             "materialise the weights before quantize_base")
+        if not all(bool(torch.isfinite(v)) for v in torch.aminmax(w.detach())):
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"{name}.weight holds {bad} NaN/inf of {w.numel()} entries; its "
+                             "groups cannot be quantized. Reload or repair the weights, or "
+                             "leave this map out with exclude=")
+
+
+def _check(model: nn.Module, modules: dict[str, nn.Module], bits, group_size,
+           method: str) -> tuple[int, int]:
+    """Every refusal of :func:`quantize_base`; returns ``(bits, group_size)`` as ints."""
+    bits = _as_int("bits", bits, BITS)
+    group_size = _as_int("group_size", group_size)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r} (GPTQ: see "
                          "docs/quantization.md)")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     carrier = next((n for n, m in model.named_modules() if hasattr(m, "lora_A")), None)
     if carrier is not None:
         raise ValueError(f"the model carries adapters ({carrier or 'the model'}); quantize the "
@@ -125,6 +128,8 @@ def _check(model: nn.Module, modules: dict[str, nn.Module], bits: int, group_siz
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features="
                              f"{in_features} of {name}")
+    _check_weights(modules)
+    return bits, group_size
 
 
 @torch.no_grad()
@@ -142,13 +147,15 @@ def quantize_base(
 
     Each map's weight (out, in) becomes ``q * s`` with ``q`` in ``[-8, 7]`` (4 bits) or
     ``[-128, 127]`` (8 bits) and ``s = max|W_group| / 7`` (or ``/ 127``), written in the
-    weight's dtype; the scales are recorded on the module (module doc). Nothing changes
-    before every check has passed.
+    weight's dtype; the scales are recorded on the module and the grid on ``model.config``
+    (``shears_grid``), so that ``save_pretrained`` keeps both (module doc of ``record.py``).
+    Nothing changes before every check has passed.
 
     Args:
         model: a (pruned) decoder-only model without adapters.
-        bits: 4 (INT4, what ``export_compressed`` packs) or 8.
-        group_size: input columns per scale; must divide every selected map's in_features.
+        bits: 4 (INT4, what ``export_compressed`` packs) or 8; an int (numpy ints too).
+        group_size: input columns per scale, a positive int; must divide every selected
+            map's in_features.
         targets, exclude: regexes over qualified names, as in ``wanda_prune``.
         method: ``"rtn"`` (round to nearest; the only one, see docs/quantization.md).
 
@@ -156,12 +163,16 @@ def quantize_base(
         A :class:`QuantizationReport`.
 
     Raises:
-        ValueError: adapters present, a model already quantized, unsupported bits or
-            method, a group size that does not divide a map's in_features (named).
+        ValueError: adapters present; a model already quantized (by shears, bitsandbytes,
+            compressed-tensors or another transformers quantizer) or reloaded from a
+            checkpoint saved on a grid (restore that with ``shears.load_grid``); bits other
+            than the ints 4 and 8, a group size that is not a positive int or does not
+            divide a map's in_features, a method other than ``"rtn"``; a map on the meta
+            device or holding NaN/inf (named).
     """
     modules = {n: m for _, block in prunable_modules(model, targets, exclude)
                for n, m in block.items()}
-    _check(model, modules, bits, group_size, method)
+    bits, group_size = _check(model, modules, bits, group_size, method)
     zeros_before = zeros_after = numel = 0
     err = norm = 0.0
     for m in modules.values():
@@ -175,5 +186,6 @@ def quantize_base(
         zeros_after += int((w == 0).sum())
         numel += w.numel()
         set_grid(m, scale, bits, group_size)
+    record_grid(model)
     return QuantizationReport(list(modules), bits, group_size, method, zeros_before / numel,
                               zeros_after / numel, (err / norm) ** 0.5 if norm else 0.0)
