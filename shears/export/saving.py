@@ -195,7 +195,10 @@ def load_adapter(
     field (targets, ranks, alpha, dropout, sparse_adapter, groups, shapes; its own
     ``rank_mode`` is kept, as it does not change the maths); the configuration; and, with
     ``check_base``, the base against the fingerprint saved with the adapters (zero count and
-    a sample checksum per map; files saved without one skip it).
+    a sample checksum per map; files saved without one skip it). The weights must be the ones
+    the layout was saved with (``adapter_digest``; ``ValueError`` "... come from two different
+    saves"), and ``super_adapter.safetensors`` without its JSON (an interrupted
+    ``save_adapter``) is refused rather than read past.
     """
     directory = Path(directory)
     if (directory / CONFIG_NAME).is_file():
