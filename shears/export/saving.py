@@ -87,10 +87,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         for key in ("lora_A", "lora_B"):
             t = _whole(getattr(m, key).detach())
             tensors[f"{name}.{key}"] = t.to("cpu", torch.float32).contiguous()
-    meta[DIGEST_KEY] = adapter_digest(meta["targets"], tensors)
     out = Path(directory)
     if isinstance(modules[0][1].lora_A, DTensor) and dist.get_rank() != 0:
         return out  # this process took part in the gather; process 0 writes
+    meta[DIGEST_KEY] = adapter_digest(meta["targets"], tensors)  # of the bytes written
     with atomic_folder(out, declaring=[CONFIG_NAME]) as stage:  # the JSON goes in last
         save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
         (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
