@@ -90,6 +90,11 @@ def test_errors(tmp_path):
     key = "model.layers.0.mlp.up_proj.lora_B"
     tensors[key] = tensors[key][:, :4].contiguous()
     save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="two different saves"):  # the digest sees it first
+        load_adapter(make_tiny("llama"), tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del meta["adapter_digest"]  # as written before the digest existed: the shapes are checked
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     fresh = make_tiny("llama")
     with pytest.raises(ValueError, match=re.escape(key)):
         load_adapter(fresh, tmp_path)

@@ -3,6 +3,7 @@
 ``load_adapter`` recovers the super-adapter from the same directory."""
 
 import copy
+import hashlib
 import json
 
 import pytest
@@ -211,6 +212,18 @@ def test_bad_state_dict_entries_are_refused():
         model.load_state_dict(both)
 
 
+def hand_digest(directory, targets):
+    """sha256 over each target's saved A then B: "lora_A:<dtype>:<shape>;" then the bytes."""
+    h = hashlib.sha256()
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for t in targets:
+            for key in ("lora_A", "lora_B"):
+                x = f.get_tensor(f"{t}.{key}")
+                h.update(f"{key}:{x.dtype}:{tuple(x.shape)};".encode())
+                h.update(x.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def test_metadata_on_config_follows_the_adapters(tmp_path):
     model, _ = pruned("llama")
     assert not hasattr(model.config, "shears_super_adapter")
@@ -220,7 +233,9 @@ def test_metadata_on_config_follows_the_adapters(tmp_path):
     assert meta["groups"]["model.layers.1.self_attn.k_proj"] == "model.layers.1.self_attn.qkv_proj"
     model.save_pretrained(tmp_path / "a")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    assert plain.config.shears_super_adapter == meta  # stale until adapters are attached
+    saved = dict(plain.config.shears_super_adapter)  # stale until adapters are attached
+    assert saved.pop("adapter_digest") == hand_digest(tmp_path / "a", meta["targets"])
+    assert saved == meta
     add_elastic_lora(plain, ["o_proj"], ranks=[4])  # a new layout replaces it
     assert plain.config.shears_super_adapter["targets"] == [
         "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]

@@ -21,13 +21,21 @@ makes a sparse adapter QA-SparsePEFT. ``save_adapter`` computes both when it wri
 entry on ``model.config`` computes them afresh whenever the config is serialised
 (``config.json``), so it describes the base as saved, also when the base was pruned or
 loaded (or its grid restored) after ``add_elastic_lora``.
+
+It also carries ``adapter_digest``, a sha256 of the adapter tensors as saved
+(:func:`adapter_digest`), computed at the same moment, so that a loader can tell when the
+layout and the weights beside it come from two different saves (transformers writes
+``config.json`` before the weights: a ``save_pretrained`` killed in between leaves the new
+layout over the previous weights).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +59,7 @@ FINGERPRINT_KEY = "base_fingerprint"
 # fingerprint cannot see a grid (the base's weights are the same with or without one), but
 # a sparse adapter over a grid computes another function (QA-SparsePEFT: Q(W + delta)).
 GRID_STATE_KEY = "base_grid"
+DIGEST_KEY = "adapter_digest"
 SAMPLE_SIDE = 64  # the strided sample takes every (out // 64)-th row and (in // 64)-th column
 # A base cast to another dtype must pass: fp16 flushes weights below 6e-8 to zero (about 2 in a
 # million for weights of std 0.02), and bf16 rounding moves the sample sums by ~1e-5
@@ -71,6 +80,37 @@ def weight_fingerprint(w: torch.Tensor) -> dict[str, Any] | None:
     sample = w[:: max(1, out_f // SAMPLE_SIDE), :: max(1, in_f // SAMPLE_SIDE)].double()
     return {"shape": [out_f, in_f], "zeros": int(w.numel() - torch.count_nonzero(w)),
             "abs_sum": float(sample.abs().sum()), "sum": float(sample.sum())}
+
+
+def adapter_digest(targets: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over each target's ``lora_A`` then ``lora_B`` (dtype, shape, bytes as stored),
+    in ``targets`` order; ``tensors`` maps ``<target>.lora_A`` / ``.lora_B`` to them.
+
+    Module names are not hashed (a layout and its tensors may be renamed by one prefix, see
+    ``export/layout.py``), so the digest ties a layout to the weights saved with it whatever
+    the names.
+    """
+    h = hashlib.sha256()
+    for target in targets:
+        for key in ("lora_A", "lora_B"):
+            t = tensors[f"{target}.{key}"].detach().to("cpu").contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def live_adapter_digest(model: nn.Module) -> str | None:
+    """:func:`adapter_digest` of the model's adapters as ``state_dict`` holds them; None when
+    one is sharded (FSDP2) or on the meta device (no bytes to hash without a gather)."""
+    modules = list(elastic_modules(model))
+    tensors = {}
+    for name, m in modules:
+        for key in ("lora_A", "lora_B"):
+            t = getattr(m, key)
+            if t.device.type == "meta" or isinstance(t, DTensor):
+                return None
+            tensors[f"{name}.{key}"] = t
+    return adapter_digest([n for n, _ in modules], tensors)
 
 
 def fingerprint_difference(saved: dict[str, Any], have: dict[str, Any]) -> str | None:
@@ -175,6 +215,9 @@ class _LiveLayout(dict):
             fp = base_fingerprint(model)
             if fp is not None:
                 out[FINGERPRINT_KEY] = fp
+            # hashed afresh each time (no cache: an in-place write through .data would not
+            # move the version counter), so config.json names the weights written with it
+            out[DIGEST_KEY] = live_adapter_digest(model)
         return out
 
     def __deepcopy__(self, memo: dict) -> dict[str, Any]:

@@ -16,7 +16,6 @@ Batched beam search gives the answers of one prompt at a time (tests/test_genera
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from shears.atomic import write_json
 from shears.evaluation.answers import extract_answer, is_correct
 from shears.evaluation.data import InstructionCollator, pad_token_id
 from shears.evaluation.prompts import format_prompt
@@ -46,9 +46,9 @@ class EvalResult:
         return sum(r["correct"] for r in self.records)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the result as JSON (predictions of math tasks are floats or null)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=1)
+        """Write the result as JSON (predictions of math tasks are floats or null), atomically:
+        after a crash ``path`` holds the previous file or the new one, whole."""
+        write_json(path, asdict(self), indent=1)
 
 
 # The reference's GenerationConfig(num_beams=4) leaves these at their defaults; a checkpoint's

@@ -6,23 +6,32 @@ written by ``add_elastic_lora`` onto ``model.config``) and, among the base weigh
 ``<module>.lora_A`` (r_max, in), ``<module>.lora_B`` (out, r_max) and
 ``<module>.lora_active_rank`` (0-d int64) of every adapted module. Only the adapter tensors
 are read (``safe_open``), never the base weights.
+
+The layout records the ``adapter_digest`` of the adapter tensors saved with it; they are
+checked against it, because transformers writes ``config.json`` before the weights (a
+``save_pretrained`` killed in between leaves a new layout over the previous weights). A
+``model.safetensors.index.json`` whose shards are gone beside a ``model.safetensors`` is left
+from an earlier sharded save (transformers 5.x removes the shards, not the index, when it
+re-saves unsharded) and is ignored, as ``from_pretrained`` does; a folder holding both
+layouts complete is refused (``from_pretrained`` would read ``model.safetensors``, which a
+sharded re-save leaves behind).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from shears.adapters import METADATA_KEY
 from shears.adapters.layer import ACTIVE_RANK_KEY
 from shears.adapters.metadata import FORMAT, FORMAT_VERSION
+from shears.atomic import read_json
 
+from .integrity import check_digest, open_safetensors
 from .layout import prefixes_to, rebase
 
 HF_CONFIG_NAME = "config.json"
@@ -35,7 +44,7 @@ def read_checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any] | N
     path = Path(directory) / HF_CONFIG_NAME
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text()).get(METADATA_KEY)
+    meta = read_json(path, "model config").get(METADATA_KEY)
     if meta is None:
         return None
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
@@ -44,15 +53,27 @@ def read_checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any] | N
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (None-free; index-aware)."""
-    index = directory / HF_INDEX_NAME
+    """Tensor name -> the safetensors file holding it (index-aware, stale index ignored)."""
+    index, single = directory / HF_INDEX_NAME, directory / HF_WEIGHTS_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: directory / f for k, f in weight_map.items()}
-    single = directory / HF_WEIGHTS_NAME
+        weight_map = read_json(index, "weight index")["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if not missing and single.is_file():
+            raise ValueError(
+                f"{directory} holds {HF_WEIGHTS_NAME} and {HF_INDEX_NAME} with all its shards: "
+                "one of them is left from an earlier save_pretrained of the other layout "
+                f"(transformers does not remove it, and from_pretrained reads {HF_WEIGHTS_NAME})."
+                " Delete the stale one, or save into an empty folder")
+        if not missing:
+            return {k: directory / f for k, f in weight_map.items()}
+        if not single.is_file():
+            raise FileNotFoundError(f"{index} names {len(missing)} shards that are not in "
+                                    f"{directory}, e.g. {missing[0]} (an interrupted save or "
+                                    "an incomplete copy?)")
+        # else: the shards of an earlier sharded save are gone and its index stayed
     if not single.is_file():
         raise FileNotFoundError(f"neither {HF_WEIGHTS_NAME} nor {HF_INDEX_NAME} in {directory}")
-    with safe_open(str(single), "pt") as f:
+    with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
 
 
@@ -64,7 +85,7 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
             by_file.setdefault(files[name], []).append(name)
     tensors = {}
     for path, keys in by_file.items():
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             for key in keys:
                 tensors[key] = f.get_tensor(key)
     return tensors
@@ -117,5 +138,6 @@ def read_checkpoint_adapter(
                          f"but the weights lack {len(missing)} adapter tensors, e.g. "
                          f"{missing[:3]}; were they saved from a model without its adapters?")
     tensors = _read(files, wanted)
+    check_digest(meta, tensors, f"{directory}: {HF_CONFIG_NAME} and the adapter weights")
     ranks = _read(files, [f"{t}.{ACTIVE_RANK_KEY}" for t in meta["targets"]])
     return dict(meta, config=_active_config(meta, ranks)), tensors

@@ -6,6 +6,17 @@ The packing is compressed-tensors' own ``PackedQuantizationCompressor`` fed with
 ``quantize_base`` recorded; the config is its ``QuantizationConfig``, written into
 ``config.json`` by its ``ModelCompressor``. The live model is not changed: the packed tensors
 replace the quantized maps' weights only in the state dict handed to ``save_pretrained``.
+
+``config.json`` declares the format (its ``quantization_config`` tells transformers and vLLM
+to read ``weight_packed``): it is written once, complete, last. ``save_pretrained`` and the
+config update write into a staging folder, and ``shears.atomic.atomic_folder`` moves the files
+in with the old ``config.json`` removed first. After a crash the folder holds the previous
+complete checkpoint, or weights without ``config.json``, which ``from_pretrained`` refuses
+(``OSError`` naming the folder and ``config.json``); never packed weights under a config
+without ``quantization_config`` (transformers would load the maps as random dense weights).
+The ``save_pretrained`` weight files of an earlier save that this one does not overwrite
+(``model.safetensors``, shards, index) are removed, so that no stale index sends a loader
+to shards that are gone.
 """
 
 from __future__ import annotations
@@ -15,10 +26,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from shears.atomic import atomic_folder
 from shears.quantization import check_scales, grid_of, quantized_modules, require
 from shears.quantization.bnb import is_bnb_4bit
 from shears.quantization.grid import on_grid
 from shears.quantization.quantize import BNB_WAY_OUT
+
+from .checkpoint import HF_CONFIG_NAME
+from .integrity import hf_weight_file
 
 
 @dataclass
@@ -97,8 +112,10 @@ def export_compressed(model: nn.Module, directory: str | os.PathLike,
     Args:
         model: a model quantized by ``quantize_base`` (then adapted with QA-SparsePEFT and
             merged, or not), without adapters.
-        directory: where to write.
-        save_kwargs: passed to ``model.save_pretrained``.
+        directory: where to write; the ``save_pretrained`` weight files already there are
+            replaced (stale shards and index removed), other files are kept.
+        save_kwargs: passed to ``model.save_pretrained`` (which writes into a staging
+            folder inside ``directory``).
 
     Raises:
         ValueError: a bitsandbytes 4-bit model (the message names ``export_peft``, its way
@@ -138,8 +155,11 @@ def export_compressed(model: nn.Module, directory: str | os.PathLike,
     config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                 quantization_status="compressed", ignore=ignore)
     directory = os.fspath(directory)
-    model.save_pretrained(directory, state_dict=state, **save_kwargs)
-    ModelCompressor(quantization_config=config).update_config(directory)
+    stale = hf_weight_file(save_kwargs.get("variant"))
+    with atomic_folder(directory, declaring=[HF_CONFIG_NAME], stale=stale,
+                       placeholder=True) as stage:
+        model.save_pretrained(stage, state_dict=state, **save_kwargs)
+        ModelCompressor(quantization_config=config).update_config(os.fspath(stage))
     return CompressedExport(directory, list(maps), bits, group_size, packed_bytes, bf16_bytes)
 
 

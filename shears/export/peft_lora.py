@@ -12,7 +12,12 @@ which also matches any module whose name ends with ``.<name>``; the keys are the
 ``target_modules`` is the list of qualified names (PEFT: equal, or a ``.``-suffix); when a
 non-target module's name ends with ``.<target>``, a full-match regex is written instead.
 
-``peft`` itself is not imported: the files are plain JSON and safetensors.
+``peft`` itself is not imported: the files are plain JSON and safetensors. They are written
+as one save (``shears.atomic.atomic_folder``): ``adapter_config.json``, which declares the
+folder to PEFT, is removed first and written last, so that after a crash PEFT finds the
+previous complete adapter or no ``adapter_config.json`` (its loaders then refuse the folder,
+naming it), never new weights under an old config. (The config carries no digest: PEFT
+warns about keys it does not know.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from shears.adapters import elastic_modules, get_config, search_space, validate_config
 from shears.adapters.index import group_of
 from shears.adapters.metadata import shared_attribute
+from shears.atomic import atomic_folder
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,7 +151,7 @@ def export_peft(
         "layers_pattern": None,
     }
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / PEFT_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    with atomic_folder(out, declaring=[PEFT_CONFIG_NAME]) as stage:  # the config goes in last
+        save_file(tensors, str(stage / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / PEFT_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     return out

@@ -8,6 +8,12 @@ configuration and a fingerprint of the base (``base_fingerprint``, see
 ``super_adapter.safetensors`` holds ``<module>.lora_A`` (r_max, in) and ``<module>.lora_B``
 (out, r_max) in fp32. The base model is not saved: load onto the same (pruned) base.
 
+The two files are written as one save (``shears.atomic.atomic_folder``): the JSON, which
+declares the folder, is removed first and written last, and it records ``adapter_digest``,
+a sha256 of the tensors (``shears.adapters.metadata.adapter_digest``) that ``load_adapter``
+checks. After a crash the folder holds the previous complete save, or weights without their
+JSON, which ``load_adapter`` refuses naming the folder; never new weights under an old JSON.
+
 ``load_adapter`` also reads the super-adapter out of a ``save_pretrained`` directory or a
 ``Trainer`` checkpoint of a model carrying adapters (``checkpoint.py``).
 """
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 try:  # FSDP2 shards parameters as DTensors; builds without torch.distributed lack them
@@ -41,19 +47,23 @@ from shears.adapters import (
 )
 from shears.adapters.layer import check_flag, layer_features
 from shears.adapters.metadata import (
+    DIGEST_KEY,
     FINGERPRINT_KEY,
     FORMAT,
     FORMAT_VERSION,
     GRID_STATE_KEY,
+    adapter_digest,
     fingerprint_difference,
     weight_fingerprint,
 )
+from shears.atomic import atomic_folder, read_json
 from shears.pruning.layers import weight_matrix
 from shears.quantization import grid_state
 from shears.quantization.bnb import dequantized_weight, is_bnb_4bit
 from shears.quantization.record import describe_state
 
 from .checkpoint import HF_CONFIG_NAME, read_checkpoint_adapter
+from .integrity import check_digest, read_safetensors
 from .layout import check_layout, relative_to
 
 CONFIG_NAME = "super_adapter_config.json"
@@ -83,9 +93,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     if isinstance(modules[0][1].lora_A, DTensor) and dist.get_rank() != 0:
         return out  # this process took part in the gather; process 0 writes
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    meta[DIGEST_KEY] = adapter_digest(meta["targets"], tensors)  # of the bytes written
+    with atomic_folder(out, declaring=[CONFIG_NAME]) as stage:  # the JSON goes in last
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     return out
 
 
@@ -94,7 +105,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; was it written by save_adapter?")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "super-adapter config")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a version-{FORMAT_VERSION} shears super-adapter")
     return meta
@@ -199,11 +210,12 @@ def _read_saved_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torc
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights)
     expected = {f"{t}.lora_{ab}" for t in meta["targets"] for ab in "AB"}
     if set(tensors) != expected:
         raise ValueError(f"{weights}: missing tensors {sorted(expected - set(tensors))[:4]}, "
                          f"unexpected {sorted(set(tensors) - expected)[:4]}")
+    check_digest(meta, tensors, f"{directory}: {WEIGHTS_NAME} and {CONFIG_NAME}")
     return meta, tensors
 
 
@@ -227,12 +239,19 @@ def load_adapter(
     saved one, in both directions: QA-SparsePEFT adapters need their grid (restore it with
     ``shears.load_grid``), plain SparsePEFT adapters a base without one (files saved before
     the grid state was recorded skip it: the base is assumed to be the one they were saved
-    over).
+    over). The weights must be the ones the layout was saved with (``adapter_digest``;
+    ``ValueError`` "... come from two different saves"), and ``super_adapter.safetensors``
+    without its JSON (an interrupted ``save_adapter``) is refused rather than read past.
     """
     check_base = check_flag("check_base", check_base)
     directory = Path(directory)
     if (directory / CONFIG_NAME).is_file():
         meta, tensors = _read_saved_adapter(directory)
+    elif (directory / WEIGHTS_NAME).is_file():  # never fall back to another save's files
+        raise FileNotFoundError(
+            f"{directory} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: a save_adapter was "
+            "interrupted after removing the old JSON (it is written last). Save again, or "
+            "load an earlier copy")
     elif (directory / HF_CONFIG_NAME).is_file():
         meta, tensors = read_checkpoint_adapter(directory)
     else:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from shears.adapters import heuristic_config, maximal_config, minimal_config
+from shears.atomic import atomic_path
 
 from .pareto import pareto_mask
 from .result import Evaluation, SearchResult
@@ -57,8 +58,10 @@ def plot_search(result: SearchResult, path: str | os.PathLike | None = None,
     ax.set_title(title or f"{result.method or 'search'}: {len(y)} evaluations, best {best:.4g}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    if path is not None:
-        fig.savefig(path, dpi=120)
+    if path is not None:  # atomically; the format from the target's extension (png default)
+        fmt = os.path.splitext(os.fspath(path))[1][1:] or "png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
     return fig
 
 

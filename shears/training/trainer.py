@@ -11,7 +11,6 @@ precision, gradient accumulation and checkpointing, callbacks, ``report_to``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -34,6 +33,7 @@ from shears.adapters import (
     set_config,
     validate_config,
 )
+from shears.atomic import read_json, write_json
 
 from .history import NLSHistory
 from .samplers import Sampler, get_sampler
@@ -337,16 +337,15 @@ class NLSTrainer(Trainer):
                 "micro_batches": self._nls_micro,
                 "history": self.nls_history.to_dict(),
             }
-            with open(os.path.join(output_dir, NLS_STATE_NAME), "w") as f:
-                json.dump(state, f)
+            # atomic: a kill leaves the previous file (or none), never a truncated one
+            write_json(os.path.join(output_dir, NLS_STATE_NAME), state, indent=None)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         path = os.path.join(checkpoint, NLS_STATE_NAME) if checkpoint else None
         if path is None or not os.path.isfile(path):
             return
-        with open(path) as f:
-            state = json.load(f)
+        state = read_json(path, "NLS sampler state")
         saved_mode = state.get("sample_every", "step")  # files before the switch: "step"
         if saved_mode != self.nls_sample_every:
             raise ValueError(f"{path} was trained with nls_sample_every={saved_mode!r}, this "
