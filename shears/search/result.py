@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,23 @@ def _from_json(x: Any) -> Any:
     return x
 
 
+def _dumps(data: dict[str, Any]) -> str:
+    """``to_dict``'s data as standard JSON with one group of the space and one evaluation
+    per line: as readable as an indented file, and several times faster to write (a
+    checkpoint is written after every evaluation)."""
+    def line(x: Any) -> str:
+        return json.dumps(_to_json(x), allow_nan=False)
+
+    space = ",\n  ".join(f"{json.dumps(g)}: {json.dumps(r)}" for g, r in data["space"].items())
+    # only the float fields can hold NaN or infinity: the configuration is left alone
+    rows = ",\n  ".join(json.dumps({k: _to_json(v) if k in _FLOAT_FIELDS else v
+                                    for k, v in e.items()}, allow_nan=False)
+                         for e in data["history"])
+    return (f'{{\n "method": {line(data["method"])},\n "maximize": {line(data["maximize"])},\n'
+            f' "space": {{\n  {space}\n }},\n "settings": {line(data["settings"])},\n'
+            f' "history": [\n  {rows}\n ]\n}}\n')
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluated sub-adapter.
@@ -74,6 +91,9 @@ class Evaluation:
     def objective_cost(self) -> float | None:
         """The cost axis: ``cost`` when the search had one, else ``params``."""
         return self.cost if self.cost is not None else self.params
+
+
+_EVALUATION_FIELDS = tuple(f.name for f in fields(Evaluation))
 
 
 @dataclass
@@ -134,7 +154,8 @@ class SearchResult:
             "maximize": self.maximize,
             "space": self.space,
             "settings": self.settings,
-            "history": [asdict(e) for e in self.history],
+            "history": [{f: dict(e.config) if f == "config" else getattr(e, f)
+                         for f in _EVALUATION_FIELDS} for e in self.history],
         }
 
     @classmethod
@@ -153,7 +174,7 @@ class SearchResult:
 
         The write is atomic (``shears.atomic``): a temporary file beside ``path``, fsynced,
         then renamed over it, so an interrupted save leaves the previous file whole."""
-        write_text(path, json.dumps(_to_json(self.to_dict()), indent=1, allow_nan=False))
+        write_text(path, _dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchResult:
