@@ -181,3 +181,21 @@ def test_a_search_with_nan_scores_saves_standard_json_and_resumes(tmp_path):
                          resume=tmp_path / "hc.json")
     assert [e.config for e in resumed.history[:3]] == [e.config for e in first.history]
     assert math.isnan(resumed.history[1].score) and resumed.best_config == {"a": 4}
+
+
+def test_saved_file_holds_one_evaluation_per_line_and_the_same_data(tmp_path):
+    result = hand_result()
+    result.settings = {"seed": 3, "limit": math.inf, "points": [[1.0, math.nan]]}
+    result.save(tmp_path / "r.json")
+    text = (tmp_path / "r.json").read_text()
+    def strict(token):
+        raise AssertionError(f"bare {token} in the file: not standard JSON")
+
+    data = json.loads(text, parse_constant=strict)
+    expected = result.to_dict()
+    expected["settings"] = {"seed": 3, "limit": "Infinity", "points": [[1.0, "NaN"]]}
+    expected["history"][-1]["score"] = "NaN"
+    assert data == expected
+    lines = text.splitlines()
+    assert sum('"config"' in line for line in lines) == len(result.history)
+    assert sum(line.strip().startswith('"a": [') for line in lines) == 1

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from shears.atomic import read_json, write_text
 
 from .pareto import pareto_mask
 
@@ -49,6 +51,23 @@ def _from_json(x: Any) -> Any:
     return x
 
 
+def _dumps(data: dict[str, Any]) -> str:
+    """``to_dict``'s data as standard JSON with one group of the space and one evaluation
+    per line: as readable as an indented file, and several times faster to write (a
+    checkpoint is written after every evaluation)."""
+    def line(x: Any) -> str:
+        return json.dumps(_to_json(x), allow_nan=False)
+
+    space = ",\n  ".join(f"{json.dumps(g)}: {json.dumps(r)}" for g, r in data["space"].items())
+    # only the float fields can hold NaN or infinity: the configuration is left alone
+    rows = ",\n  ".join(json.dumps({k: _to_json(v) if k in _FLOAT_FIELDS else v
+                                    for k, v in e.items()}, allow_nan=False)
+                         for e in data["history"])
+    return (f'{{\n "method": {line(data["method"])},\n "maximize": {line(data["maximize"])},\n'
+            f' "space": {{\n  {space}\n }},\n "settings": {line(data["settings"])},\n'
+            f' "history": [\n  {rows}\n ]\n}}\n')
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluated sub-adapter.
@@ -72,6 +91,9 @@ class Evaluation:
     def objective_cost(self) -> float | None:
         """The cost axis: ``cost`` when the search had one, else ``params``."""
         return self.cost if self.cost is not None else self.params
+
+
+_EVALUATION_FIELDS = tuple(f.name for f in fields(Evaluation))
 
 
 @dataclass
@@ -132,7 +154,8 @@ class SearchResult:
             "maximize": self.maximize,
             "space": self.space,
             "settings": self.settings,
-            "history": [asdict(e) for e in self.history],
+            "history": [{f: dict(e.config) if f == "config" else getattr(e, f)
+                         for f in _EVALUATION_FIELDS} for e in self.history],
         }
 
     @classmethod
@@ -147,16 +170,23 @@ class SearchResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write the result as standard JSON: a NaN or infinite number (a failed evaluation,
         an infinite cost) is written as the string ``"NaN"``, ``"Infinity"`` or
-        ``"-Infinity"``, which strict parsers accept and ``load`` turns back into the float."""
-        with open(path, "w") as f:
-            json.dump(_to_json(self.to_dict()), f, indent=1, allow_nan=False)
+        ``"-Infinity"``, which strict parsers accept and ``load`` turns back into the float.
+
+        The write is atomic (``shears.atomic``): a temporary file beside ``path``, fsynced,
+        then renamed over it, so an interrupted save leaves the previous file whole."""
+        write_text(path, _dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchResult:
         """Read a saved result; files with bare ``NaN`` tokens (earlier versions wrote
-        them) load too."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        them) load too. A truncated, corrupt or foreign file raises a ``ValueError`` that
+        names it."""
+        data = read_json(path, "search result")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"search result {path} is not a saved SearchResult "
+                             f"({type(e).__name__}: {e})") from e
 
     def __repr__(self) -> str:
         scores = [e.score for e in self.history if not math.isnan(e.score)]
