@@ -23,9 +23,11 @@ from .hill_climb import hill_climb
 from .nsga2 import nsga2_search
 from .plot import plot_search
 from .result import Evaluation, SearchResult
+from .sensitivity import RankSensitivity, rank_sensitivity
 
 __all__ = [
     "Evaluation",
+    "RankSensitivity",
     "SearchResult",
     "adapter_parameters",
     "get_config",
@@ -37,6 +39,7 @@ __all__ = [
     "nsga2_search",
     "plot_search",
     "random_config",
+    "rank_sensitivity",
     "search_space",
     "set_config",
 ]
