@@ -21,6 +21,7 @@ from shears.adapters import (
 from .allocate import FrontPoint, allocate, estimated_front, rank_costs
 from .chunked import ChunkedEvaluator, make_chunked_evaluator
 from .evaluator import make_evaluator
+from .front_search import front_search
 from .hill_climb import hill_climb
 from .nsga2 import nsga2_search
 from .plot import plot_search
@@ -36,6 +37,7 @@ __all__ = [
     "adapter_parameters",
     "allocate",
     "estimated_front",
+    "front_search",
     "get_config",
     "heuristic_config",
     "hill_climb",
