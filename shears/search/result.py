@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from shears.atomic import read_json, write_text
+
 from .pareto import pareto_mask
 
 SearchSpace = dict[str, list[int]]
@@ -147,16 +149,23 @@ class SearchResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write the result as standard JSON: a NaN or infinite number (a failed evaluation,
         an infinite cost) is written as the string ``"NaN"``, ``"Infinity"`` or
-        ``"-Infinity"``, which strict parsers accept and ``load`` turns back into the float."""
-        with open(path, "w") as f:
-            json.dump(_to_json(self.to_dict()), f, indent=1, allow_nan=False)
+        ``"-Infinity"``, which strict parsers accept and ``load`` turns back into the float.
+
+        The write is atomic (``shears.atomic``): a temporary file beside ``path``, fsynced,
+        then renamed over it, so an interrupted save leaves the previous file whole."""
+        write_text(path, json.dumps(_to_json(self.to_dict()), indent=1, allow_nan=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchResult:
         """Read a saved result; files with bare ``NaN`` tokens (earlier versions wrote
-        them) load too."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        them) load too. A truncated, corrupt or foreign file raises a ``ValueError`` that
+        names it."""
+        data = read_json(path, "search result")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"search result {path} is not a saved SearchResult "
+                             f"({type(e).__name__}: {e})") from e
 
     def __repr__(self) -> str:
         scores = [e.score for e in self.history if not math.isnan(e.score)]
