@@ -149,3 +149,48 @@ def test_sensitivity_from_the_chunked_judges_batches(model):
     assert result.settings["sensitivity_seconds"] > 0
     assert result.settings["spent"] <= 3 + 1e-9
     assert result.best_score <= result.settings["heuristic"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_climb_refines_within_budget_and_max_params_deterministically(model, seed):
+    space = search_space(model)
+    table = table_for(space, 10 + seed)
+    limit = adapter_parameters(model, heuristic_config(model))
+
+    def run():
+        judge = TableJudge(table, [0.25] * 4)
+        result = front_search(model, judge, budget=12, max_params=limit,
+                              sensitivity=sensitivity_of(space, table), seed=seed,
+                              progress=False)
+        return judge, result
+
+    judge, result = run()
+    spent = sum(judge.chunk_costs[i] for _, i in judge.calls)
+    assert len(judge.calls) == len(set(judge.calls))
+    assert result.settings["spent"] == pytest.approx(spent) and 11 < spent <= 12 + 1e-9
+    configs = [tuple(e.config.values()) for e in result.history]
+    assert len(configs) == len(set(configs))
+    finals = 1 + result.settings["finalists"]
+    assert len(result.history) > finals  # the climb evaluated more after the race
+    assert "climb" in result.settings and result.settings["climb"]["estimate"]
+    assert all(e.params <= limit for e in result.history)
+    assert result.best_score <= min(e.score for e in result.history[:finals])
+    assert result.best_score <= table[tuple(heuristic_config(model).values())]
+    _, again = run()
+    assert [e.config for e in again.history] == [e.config for e in result.history]
+
+
+def test_a_budget_beyond_the_feasible_space_finds_the_brute_force_best():
+    small = add_elastic_lora(make_tiny("llama", seed=0), ["q_proj", "up_proj"],
+                             ranks=(8, 4, 2), groups="layer")  # 2 groups: 9 configurations
+    space = search_space(small)
+    table = table_for(space, 3)
+    limit = adapter_parameters(small, heuristic_config(small))
+    feasible = [c for c in every_config(space) if adapter_parameters(small, c) <= limit]
+    judge = TableJudge(table, [0.5, 0.5])
+    result = front_search(small, judge, budget=40, max_params=limit,
+                          sensitivity=sensitivity_of(space, table), progress=False)
+    assert sorted(tuple(e.config.values()) for e in result.history) == sorted(
+        tuple(c.values()) for c in feasible)  # all of it, once, then it stopped
+    assert result.best_score == pytest.approx(min(table[tuple(c.values())] for c in feasible))
+    assert result.settings["spent"] <= len(feasible) + 1e-9
