@@ -262,7 +262,8 @@ def test_parser_reads_the_documented_format():
 
         ```python
         hill_climb(space_or_model, evaluate, start=None, budget=50, seed=0,
-                   maximize=True, neighbours=None, progress=True, resume=None) -> SearchResult
+                   maximize=True, neighbours=None, progress=True, resume=None,
+                   estimate=None, max_params=None, checkpoint=None) -> SearchResult
         ```
 
         Hill-climb.

@@ -128,9 +128,13 @@ class Neighbourhood:
         """
         sign = -1.0 if maximize else 1.0
 
-        def value(k: Key) -> float:
-            v = sign * float(estimate(decode(self.space, k)))
-            return math.inf if math.isnan(v) else v  # an unknown estimate goes last
+        values: dict[Key, float] = {}
+
+        def value(k: Key) -> float:  # each key estimated once: a single move is also a swap's half
+            if k not in values:
+                v = sign * float(estimate(decode(self.space, k)))
+                values[k] = math.inf if math.isnan(v) else v  # an unknown estimate goes last
+            return values[k]
 
         singles = [(value(k), 0, i, k) for i, k in enumerate(self.singles)]
         singles.sort(key=lambda t: t[:3])

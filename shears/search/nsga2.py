@@ -10,6 +10,7 @@ replace the crowding distance, steering the front towards the trade-offs asked f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ def nsga2_search(
     budget: int | None = None,
     progress: bool = True,
     resume: Resume = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> SearchResult:
     """Two-objective evolutionary search: ``evaluate`` (maximised) against ``cost`` (minimised).
 
@@ -59,6 +61,9 @@ def nsga2_search(
         progress: show a tqdm bar.
         resume: a saved result (or its JSON path) whose evaluations are reused for free;
             with the same arguments the search retraces it and continues.
+        checkpoint: a JSON path where the search so far is saved (atomically) after every
+            evaluation; pass it as ``resume`` too to continue a killed run (a missing file
+            is then a fresh start).
 
     Returns:
         A :class:`SearchResult` of every evaluation; ``pareto_front`` holds the trade-offs.
@@ -70,8 +75,14 @@ def nsga2_search(
     refs = None if reference_points is None else _to_minimised(reference_points, maximize)
     rng = np.random.default_rng(seed)
     budget = population * (generations + 1) if budget is None else budget
-    judge = Budget(space, evaluate, budget, model=model, cost=cost, prior=load_prior(resume),
-                   maximize=maximize, progress=progress, desc="nsga2")
+    settings = {"population": population, "generations": generations, "seed": seed,
+                "budget": budget, "epsilon": epsilon,
+                "reference_points": None if reference_points is None
+                else [list(map(float, p)) for p in reference_points]}
+    judge = Budget(space, evaluate, budget, model=model, cost=cost,
+                   prior=load_prior(resume, checkpoint), maximize=maximize, progress=progress,
+                   desc="nsga2", checkpoint=checkpoint,
+                   method="nsga2" if refs is None else "rnsga2", settings=settings)
 
     keys = _initial(space, judge, population, rng)
     for _ in range(generations):
@@ -83,11 +94,7 @@ def nsga2_search(
             break  # every configuration has been evaluated
         merged = keys + [k for k in children if _evaluated(judge, k)]
         keys = _survivors(_objectives(judge, merged), merged, population, refs, epsilon, rng)
-    settings = {"population": population, "generations": generations, "seed": seed,
-                "budget": budget, "epsilon": epsilon,
-                "reference_points": None if reference_points is None
-                else [list(map(float, p)) for p in reference_points]}
-    return judge.result("nsga2" if refs is None else "rnsga2", settings)
+    return judge.result()
 
 
 def _default_cost(cost: Cost | None, model: nn.Module | None) -> Cost:
