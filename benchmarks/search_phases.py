@@ -111,26 +111,46 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
+def sized_configs(model, n: int, rng: np.random.Generator, low: float = 0.97) -> list[dict]:
+    """``n`` random configurations within [low, 1] x the heuristic's adapter parameters
+    (rejection sampling): where a search within that size has to choose."""
+    limit = adapter_parameters(model, shears.heuristic_config(model))
+    out = []
+    for _ in range(10_000 * n):
+        c = shears.random_config(model, rng)
+        if low * limit <= adapter_parameters(model, c) <= limit and c not in out:
+            out.append(c)
+            if len(out) == n:
+                break
+    return out
+
+
 def correlation(model, judge: CachedJudge, sens: dict, out: Path, n: int, seed: int) -> dict:
-    """Estimated against measured validation loss on ``n`` seeded random configurations
-    (and the maximal, heuristic and minimal ones, reported apart)."""
+    """Estimated against measured validation loss on ``n`` seeded random configurations of
+    any size, and on ``n`` of about the heuristic's size (97-100% of its parameters); the
+    maximal, heuristic and minimal ones are reported apart."""
     rng = np.random.default_rng(seed)
-    configs = [shears.random_config(model, rng) for _ in range(n)]
-    measured = [judge(c) for c in configs]
+    sets = {"any size": [shears.random_config(model, rng) for _ in range(n)],
+            "heuristic's size": sized_configs(model, n, rng)}
     named = {m: getattr(shears, f"{m}_config")(model) for m in ("maximal", "heuristic",
                                                                  "minimal")}
-    named_loss = {m: judge(c) for m, c in named.items()}
-    result = {"n": n, "seed": seed, "measured": measured, "named": named_loss,
-              "params": [adapter_parameters(model, c) for c in configs], "estimators": {}}
-    for name, s in sens.items():
-        est = [s.estimate(c) for c in configs]
-        err = np.asarray(est) - np.asarray(measured)
-        result["estimators"][name] = {
-            "spearman": spearman(est, measured), "estimates": est,
-            "mean_error": float(err.mean()), "mean_abs_error": float(np.abs(err).mean()),
-            "named": {m: s.estimate(c) for m, c in named.items()}}
-        print(f"[correlation] {name}: Spearman {result['estimators'][name]['spearman']:+.3f}, "
-              f"mean error {err.mean():+.4f}", flush=True)
+    result = {"n": n, "seed": seed, "named": {m: judge(c) for m, c in named.items()},
+              "sets": {}}
+    for label, configs in sets.items():
+        measured = [judge(c) for c in configs]
+        entry = {"measured": measured, "params": [adapter_parameters(model, c) for c in configs],
+                 "estimators": {}}
+        for name, s in sens.items():
+            est = [s.estimate(c) for c in configs]
+            err = np.asarray(est) - np.asarray(measured)
+            entry["estimators"][name] = {
+                "spearman": spearman(est, measured), "estimates": est,
+                "mean_error": float(err.mean()), "mean_abs_error": float(np.abs(err).mean()),
+                "named": {m: s.estimate(c) for m, c in named.items()}}
+            print(f"[correlation] {label}, {name}: Spearman "
+                  f"{entry['estimators'][name]['spearman']:+.3f}, mean error {err.mean():+.4f}",
+                  flush=True)
+        result["sets"][label] = entry
     rp.write_json(out / "correlation.json", result)
     return result
 
@@ -223,9 +243,9 @@ def plot(model, judge: CachedJudge, sens: RankSensitivity, out: Path, points: in
     ax.scatter([p.params for p in picks], measured, c="tab:red", s=30, zorder=3,
                label="front members, measured")
     corr = rp.read_json(out / "correlation.json")
-    if corr:
-        ax.scatter(corr["params"], corr["measured"], c="grey", s=12, alpha=0.6,
-                   label="random sub-adapters, measured")
+    for label, entry in (corr or {}).get("sets", {}).items():
+        ax.scatter(entry["params"], entry["measured"], s=12, alpha=0.6,
+                   label=f"random sub-adapters ({label}), measured")
     found = rp.read_json(out / "searches.json", {})
     for name, e in found.items():
         marker = "D" if name == "heuristic" else "*"
@@ -248,11 +268,13 @@ def markdown(out: Path) -> str:
     corr = rp.read_json(out / "correlation.json")
     if corr:
         lines += [f"Estimate against measured validation loss, {corr['n']} random "
-                  f"sub-adapters (seed {corr['seed']}):", "",
-                  "| estimator | Spearman | mean error | mean abs. error |", "|---|---|---|---|"]
-        for name, e in corr["estimators"].items():
-            lines.append(f"| {name} | {e['spearman']:+.3f} | {e['mean_error']:+.4f} | "
-                         f"{e['mean_abs_error']:.4f} |")
+                  f"sub-adapters per set (seed {corr['seed']}):", "",
+                  "| estimator | sub-adapters | Spearman | mean error | mean abs. error |",
+                  "|---|---|---|---|---|"]
+        for label, entry in corr["sets"].items():
+            for name, e in entry["estimators"].items():
+                lines.append(f"| {name} | {label} | {e['spearman']:+.3f} | "
+                             f"{e['mean_error']:+.4f} | {e['mean_abs_error']:.4f} |")
         lines.append("")
     found = rp.read_json(out / "searches.json")
     if found:
