@@ -10,9 +10,17 @@ validation slice, held-out tests, Wanda, adapters, authors' defaults):
 * ``curve``: validation and held-out test loss (response tokens of the test sets'
   reference responses whose answer is right) of LoRA and of the NLS maximal, heuristic and
   minimal sub-adapters at every saved step.
+* ``correlation``, ``search``, ``plot`` (benchmarks/search_phases.py), on the NLS
+  super-adapter of ``--search-step``: the rank sensitivity's estimate against measured
+  validation losses of ``--correlation-configs`` random sub-adapters; heuristic, today's
+  hill-climb, the ordered climb and front_search at budgets 16 and 32 within the
+  heuristic's adapter parameters, with validation and held-out test loss; the sensitivity
+  pass's wall time against one evaluation; the estimated and measured front as a PNG.
 
     flock /tmp/shears-long.lock python benchmarks/search_budget.py --task math \\
       --data ../shared/data --out outputs/search-math --phases train,curve
+    python benchmarks/search_budget.py --task math --data ../shared/data \\
+      --out outputs/search-math --phases correlation,search,plot
 
 ``--report`` prints the markdown tables of what is finished.
 """
@@ -30,6 +38,7 @@ from transformers import TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import reproduce as rp  # noqa: E402
+import search_phases  # noqa: E402
 
 import shears  # noqa: E402
 from shears.evaluation import InstructionCollator, evaluate_loss, instruction_dataset  # noqa: E402
@@ -49,7 +58,17 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--save-at", default="40,80", help="steps at which adapters are saved too")
     p.add_argument("--eval-records", type=int, default=40, help="held-out records per test set")
-    p.add_argument("--phases", default="train,curve")
+    p.add_argument("--phases", default="train,curve",
+                   help="any of train, curve, correlation, search, plot")
+    p.add_argument("--search-step", type=int, default=None,
+                   help="saved NLS step the search phases use (default: the last)")
+    p.add_argument("--estimator", default="tangent at maximal",
+                   choices=list(search_phases.ESTIMATORS), help="the searches' estimate")
+    p.add_argument("--race-batch", type=int, default=4,
+                   help="validation records per batch, i.e. per chunk of the race")
+    p.add_argument("--correlation-configs", type=int, default=20)
+    p.add_argument("--front-points", type=int, default=8,
+                   help="members of the estimated front measured for the plot")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, seconds")
     p.add_argument("--report", nargs="*", default=None, help="output folders to tabulate")
     a, rest = p.parse_known_args(argv)
@@ -61,9 +80,16 @@ def parse(argv: list[str] | None = None):
     if a.smoke:
         flags = ["--smoke", "--steps", str(steps), "--nls-sample-every", "micro_batch"]
         a.save_at = "1"
+        a.race_batch = 1  # 4 validation records: 4 chunks to race on
     args = rp.parse_args(flags)
     args.save_at = sorted({int(s) for s in a.save_at.split(",") if s} | {steps})
     args.phases = a.phases.split(",")
+    unknown = set(args.phases) - {"train", "curve", *search_phases.PHASES}
+    if unknown:
+        p.error(f"unknown phases {sorted(unknown)}")
+    args.search_step = a.search_step or steps
+    for name in ("estimator", "race_batch", "correlation_configs", "front_points"):
+        setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
     return args, a.report
 
@@ -171,14 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
     rows, val_rows = loss_rows(args, tests, val, tok)
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
+        searching = kind == "nls" and set(args.phases) & set(search_phases.PHASES)
+        if not ({"train", "curve"} & set(args.phases) or searching):
+            continue
         if "train" in args.phases:
             train(model, tok, ranks, train_ds, args, out / kind)
-        elif "curve" in args.phases:
+        elif "curve" in args.phases or searching:
             torch.manual_seed(args.seed)
             shears.add_elastic_lora(model, args.targets, ranks=ranks, alpha=args.alpha,
                                     dropout=args.dropout, groups="qkv")
         if "curve" in args.phases:
             curve(model, kind, args, rows, val_rows, out)
+        if searching:
+            search_phases.run(model, tok, args, rows, val_rows, out)
         rp.strip_adapters(model)
 
 
@@ -198,7 +229,7 @@ def markdown(out: Path) -> str:
                 label = "LoRA r=32" if kind == "lora" else f"NLS {name}"
                 lines.append(f"| {label} | {step} | {e['params']:,} | {e['val']:.4f} | "
                              f"{e['test_mean']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + search_phases.markdown(out / "search")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 1. Wanda prunes the model to 50% (calibration: WikiText-2), perplexity before and after.
 2. Elastic LoRA adapters (ranks [32, 24, 16], alpha 64) on Q, K, V, Up, Down of the frozen
    sparse model, trained with NLS on LLM-Adapters' math_data.json.
-3. The heuristic sub-adapter, then a short hill-climb on held-out loss; GSM8K accuracy of the
-   chosen sub-adapter on test problems that are *not* in math_data.json.
+3. The heuristic sub-adapter, then a front search on held-out loss (the rank sensitivity's
+   estimated front, raced on the same records, refined by a climb) for the best sub-adapter
+   no larger than the heuristic; GSM8K accuracy of the chosen sub-adapter on test problems
+   that are *not* in math_data.json.
 4. The super-adapter and the search are saved under --out.
 5. The chosen sub-adapter leaves shears (docs/deploy.md): ``export_peft`` writes it as a
    stock PEFT LoRA adapter, which ``peft.PeftModel`` loads onto a copy of the pruned base
@@ -41,10 +43,10 @@ from shears.evaluation import (
     InstructionCollator,
     drop_overlap,
     evaluate_generation,
-    evaluate_loss,
     format_prompt,
     instruction_dataset,
     load_task,
+    tokenize_record,
 )
 from shears.evaluation.paths import data_dir
 from shears.evaluation.perplexity import perplexity, wikitext2_ids
@@ -86,18 +88,30 @@ def train(model, tok, train_records, args, out: Path) -> None:
 
 
 def search(model, tok, val_records, test_records, args, out: Path) -> dict[str, int]:
-    val = instruction_dataset(val_records, tok, cutoff_len=args.cutoff)
-    evaluate = shears.make_evaluator(model, lambda m: evaluate_loss(m, val, batch_size=8))
+    # The judge: held-out loss of the response tokens, scored in chunks of 4 records so that
+    # front_search can race its candidates on the same records.
+    val = [tokenize_record(r, tok, args.cutoff, train_on_inputs=False) for r in val_records]
+    collate = InstructionCollator(tok)
+    batches = [collate(val[i : i + 4]) for i in range(0, len(val), 4)]
+    evaluate = shears.make_chunked_evaluator(model, batches)
+    heuristic = shears.heuristic_config(model)
     for name in ("minimal", "heuristic", "maximal"):
         config = getattr(shears, f"{name}_config")(model)
         print(f"    {name:9s} sub-adapter: held-out loss {evaluate(config):.4f}, "
               f"{shears.adapter_parameters(model, config):,} adapter parameters")
-    result = shears.hill_climb(model, evaluate, budget=args.budget, maximize=False)
+    # Every group's loss change at every rank, from one backward pass per batch...
+    sensitivity = shears.rank_sensitivity(model, batches)
+    sensitivity.save(out / "sensitivity.json")
+    # ...then the best sub-adapter no larger than the heuristic, for --budget evaluations:
+    # the estimated front raced on the records, then a climb ordered by the estimate.
+    limit = shears.adapter_parameters(model, heuristic)
+    result = shears.front_search(model, evaluate, budget=args.budget, max_params=limit,
+                                 sensitivity=sensitivity)
     result.save(out / "search.json")
-    print(f"[3] hill-climb ({args.budget} evaluations): best held-out loss "
-          f"{result.best_score:.4f}")
-    for name, config in (("heuristic", shears.heuristic_config(model)),
-                         ("hill-climb", result.best_config)):
+    print(f"[3] front search ({args.budget} evaluations, <= {limit:,} adapter parameters): "
+          f"best held-out loss {result.best_score:.4f} "
+          f"(heuristic {result.settings['heuristic']:.4f})")
+    for name, config in (("heuristic", heuristic), ("front search", result.best_config)):
         shears.set_config(model, config)
         acc = evaluate_generation(model, tok, test_records, "gsm8k", batch_size=16,
                                   max_new_tokens=args.max_new_tokens).accuracy
@@ -145,7 +159,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--cutoff", type=int, default=256)
     p.add_argument("--val-records", type=int, default=16)
-    p.add_argument("--budget", type=int, default=6, help="hill-climb evaluations")
+    p.add_argument("--budget", type=int, default=5, help="front-search evaluations")
     p.add_argument("--eval-records", type=int, default=32, help="GSM8K problems (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     args = p.parse_args()

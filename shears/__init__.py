@@ -7,7 +7,10 @@
 2. Super-adapter: :class:`ElasticLoRALinear`, :func:`add_elastic_lora`, :class:`NLSTrainer`,
    configurations (:func:`search_space`, :func:`get_config`, :func:`set_config`, ...),
    :func:`save_adapter` / :func:`load_adapter`.
-3. Sub-adapter search: :func:`heuristic_config`, :func:`hill_climb`, :func:`nsga2_search`,
+3. Sub-adapter search: :func:`heuristic_config`, :func:`rank_sensitivity` (every rank's
+   estimated loss change from one backward pass per batch), :func:`allocate` /
+   :func:`estimated_front` (the best estimate under a size budget), :func:`front_search`,
+   :func:`hill_climb`, :func:`nsga2_search`,
    judged by :mod:`shears.evaluation` (:func:`evaluate_generation`, :func:`evaluate_loss`,
    :func:`perplexity`; :func:`format_prompt`, :func:`load_task`, :func:`instruction_dataset`).
 4. The ways out (docs/deploy.md): :func:`export_peft` (a sub-adapter for stock PEFT),
@@ -50,7 +53,19 @@ from shears.export import (
 from shears.pruning import calibration_data, wanda_prune
 from shears.pruning.report import SparsityReport, sparsity_report
 from shears.quantization import quantize_base
-from shears.search import SearchResult, hill_climb, make_evaluator, nsga2_search, plot_search
+from shears.search import (
+    RankSensitivity,
+    SearchResult,
+    allocate,
+    estimated_front,
+    front_search,
+    hill_climb,
+    make_chunked_evaluator,
+    make_evaluator,
+    nsga2_search,
+    plot_search,
+    rank_sensitivity,
+)
 from shears.training import NLSTrainer
 
 __version__ = "0.1.0"
@@ -60,16 +75,20 @@ __all__ = [
     "EvalResult",
     "InstructionCollator",
     "NLSTrainer",
+    "RankSensitivity",
     "SearchResult",
     "SparsityReport",
     "adapter_parameters",
     "add_elastic_lora",
+    "allocate",
     "calibration_data",
     "evaluate_generation",
+    "estimated_front",
     "evaluate_loss",
     "export_compressed",
     "export_peft",
     "format_prompt",
+    "front_search",
     "instruction_dataset",
     "load_task",
     "perplexity",
@@ -78,6 +97,7 @@ __all__ = [
     "hill_climb",
     "load_adapter",
     "load_grid",
+    "make_chunked_evaluator",
     "make_evaluator",
     "maximal_config",
     "merge_adapters",
@@ -86,6 +106,7 @@ __all__ = [
     "plot_search",
     "quantize_base",
     "random_config",
+    "rank_sensitivity",
     "save_adapter",
     "search_space",
     "set_config",

@@ -82,3 +82,34 @@ def test_gpu_checks_nls4_step_runs_over_an_nf4_base_on_cpu(tmp_path):
     assert len({runs[0]["trainable"] for runs in nls["runs"].values()}) == 1
     ratios = nls["nf4_vs_unquantized"]
     assert ratios["throughput_ratio"] > 0 and ratios["peak_ratio"] > 0
+
+
+def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
+    """benchmarks/search_budget.py --smoke: training, curves, the estimate's correlation, the
+    searches within the heuristic's size and the front plot; a rerun evaluates nothing.
+    (It trains, so it needs ``datasets``: not the GPU image's environment of ``_env``.)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "search_budget.py"), "--smoke", "--out", str(out),
+           "--phases", "train,curve,correlation,search,plot", "--correlation-configs", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = out / "search"
+    corr = json.loads((folder / "correlation.json").read_text())
+    for entry in corr["sets"].values():
+        assert len(entry["measured"]) == 6 and "tangent at maximal" in entry["estimators"]
+    found = json.loads((folder / "searches.json").read_text())
+    limit = found["heuristic"]["params"]
+    for budget in (16, 32):
+        for name in ("hill-climb (today's)", "ordered climb", "front search"):
+            e = found[f"{name} @{budget}"]
+            assert e["params"] <= limit and e["val"] <= found["heuristic"]["val"] + 1e-12
+            assert e["spent"] <= budget + 1e-9 and "test" in e
+    assert (folder / "front.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((folder / "timing.json").read_text())["ratio"] > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "chunks computed in this run: 0;" in again.stdout
+    report = subprocess.run([sys.executable, str(BENCH / "search_budget.py"), "--smoke",
+                             "--report", str(out)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert "| front search @32 |" in report.stdout and "| tangent at maximal |" in report.stdout

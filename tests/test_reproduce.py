@@ -21,7 +21,7 @@ from shears.evaluation import evaluate_loss, extract_answer
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
 ROWS = ["dense", "Wanda-pruned", "LoRA", "NLS maximal", "NLS heuristic", "NLS minimal",
-        "NLS hill-climb", "NLS R-NSGA-II"]
+        "NLS hill-climb", "NLS front search", "NLS R-NSGA-II"]
 
 
 def _problem(i: int, right: bool = True, style: str = "") -> dict:
@@ -72,7 +72,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_output_and_row(smoke):
     _, out, results = smoke
-    for name in ("results.json", "results.md", "search.png", "hill_climb.json", "rnsga2.json"):
+    for name in ("results.json", "results.md", "search.png", "hill_climb.json", "rnsga2.json",
+                 "front_search.json", "sensitivity.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "results.json").read_text())

@@ -18,25 +18,38 @@ from shears.adapters import (
     set_config,
 )
 
+from .allocate import FrontPoint, allocate, estimated_front, rank_costs
+from .chunked import ChunkedEvaluator, make_chunked_evaluator
 from .evaluator import make_evaluator
+from .front_search import front_search
 from .hill_climb import hill_climb
 from .nsga2 import nsga2_search
 from .plot import plot_search
 from .result import Evaluation, SearchResult
+from .sensitivity import RankSensitivity, rank_sensitivity
 
 __all__ = [
+    "ChunkedEvaluator",
     "Evaluation",
+    "FrontPoint",
+    "RankSensitivity",
     "SearchResult",
     "adapter_parameters",
+    "allocate",
+    "estimated_front",
+    "front_search",
     "get_config",
     "heuristic_config",
     "hill_climb",
+    "make_chunked_evaluator",
     "make_evaluator",
     "maximal_config",
     "minimal_config",
     "nsga2_search",
     "plot_search",
     "random_config",
+    "rank_costs",
+    "rank_sensitivity",
     "search_space",
     "set_config",
 ]
