@@ -62,13 +62,15 @@ def parse(argv: list[str] | None = None):
                    help="any of train, curve, correlation, search, plot")
     p.add_argument("--search-step", type=int, default=None,
                    help="saved NLS step the search phases use (default: the last)")
-    p.add_argument("--estimator", default="tangent at maximal",
+    p.add_argument("--estimator", default="path, 3 points",
                    choices=list(search_phases.ESTIMATORS), help="the searches' estimate")
     p.add_argument("--race-batch", type=int, default=4,
                    help="validation records per batch, i.e. per chunk of the race")
     p.add_argument("--correlation-configs", type=int, default=20)
     p.add_argument("--front-points", type=int, default=8,
                    help="members of the estimated front measured for the plot")
+    p.add_argument("--adapters", default="lora,nls",
+                   help="which of lora, nls the phases train and measure")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, seconds")
     p.add_argument("--report", nargs="*", default=None, help="output folders to tabulate")
     a, rest = p.parse_known_args(argv)
@@ -88,6 +90,9 @@ def parse(argv: list[str] | None = None):
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}")
     args.search_step = a.search_step or steps
+    args.adapters = a.adapters.split(",")
+    if not args.adapters or set(args.adapters) - {"lora", "nls"}:
+        p.error(f"--adapters takes lora and/or nls, not {a.adapters!r}")
     for name in ("estimator", "race_batch", "correlation_configs", "front_points"):
         setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
     rows, val_rows = loss_rows(args, tests, val, tok)
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
+        if kind not in args.adapters:
+            continue
         searching = kind == "nls" and set(args.phases) & set(search_phases.PHASES)
         if not ({"train", "curve"} & set(args.phases) or searching):
             continue

@@ -37,7 +37,8 @@ from shears.search import (
 PHASES = ("correlation", "search", "plot")
 BUDGETS = (16, 32)
 # name -> rank_sensitivity arguments (the anchor is filled in from the model)
-ESTIMATORS = {"tangent at maximal": {}, "tangent at heuristic": {"anchor": "heuristic"},
+ESTIMATORS = {"tangent at maximal": {"method": "tangent"},
+              "tangent at heuristic": {"method": "tangent", "anchor": "heuristic"},
               "path, 2 points": {"method": "path", "points": 2},
               "path, 3 points": {"method": "path", "points": 3}}
 
@@ -207,8 +208,8 @@ def test_losses(model, picks: dict, rows: dict, batch: int, out: Path) -> dict:
 
 
 def timing(model, judge: CachedJudge, out: Path) -> dict:
-    """Wall time of one tangent sensitivity pass against one (uncached) full evaluation of
-    the maximal sub-adapter, measured one after the other in this run."""
+    """Wall time of one default (3-point path) sensitivity pass against one (uncached) full
+    evaluation of the maximal sub-adapter, measured one after the other in this run."""
     path = out / "timing.json"
     if path.is_file():
         return rp.read_json(path)

@@ -72,7 +72,8 @@ def loss_at(model, records, config) -> float:
 def test_tangent_equals_the_finite_difference_in_the_linear_regime(anchor):
     model, records = linear_model(1e-5), rows()
     anchor_config = maximal_config(model) if anchor == "maximal" else heuristic_config(model)
-    sens = rank_sensitivity(model, batches(records), anchor_config, progress=False)
+    sens = rank_sensitivity(model, batches(records), anchor_config, method="tangent",
+                            progress=False)
     base = loss_at(model, records, anchor_config)
     assert sens.base_loss == pytest.approx(base, rel=1e-12)
     assert sens.anchor == anchor_config
@@ -126,7 +127,7 @@ def test_path_sums_to_the_loss_change_along_it_as_points_grow():
 def test_second_order_shows_when_the_adapters_are_large():
     """The same check fails when the update is not small: a test that can fail."""
     model, records = linear_model(0.3), rows()
-    sens = rank_sensitivity(model, batches(records), progress=False)
+    sens = rank_sensitivity(model, batches(records), method="tangent", progress=False)
     base = loss_at(model, records, sens.anchor)
     errors = [abs(d[2] - (loss_at(model, records, {**sens.anchor, g: 2}) - base)) / abs(d[2])
               for g, d in sens.deltas.items()]
@@ -244,6 +245,18 @@ def test_save_load_round_trip_and_estimate(tmp_path):
         back.estimate({qkv: 3})
     with pytest.raises(KeyError, match="unknown"):
         back.estimate({"nope": 2})
+
+
+def test_default_is_the_three_point_path():
+    """The default a user (and front_search) gets is the estimator that ranked SmolLM2's
+    sub-adapters (Spearman 0.95), not the tangent at the maximal one (-0.005)."""
+    model, records = linear_model(1e-2), rows()
+    default = rank_sensitivity(model, batches(records), progress=False)
+    path = rank_sensitivity(model, batches(records), method="path", points=3, progress=False)
+    assert (default.method, default.points) == ("path", 3)
+    assert default == path
+    with pytest.raises(ValueError, match='method="tangent"'):
+        rank_sensitivity(model, batches(records), heuristic_config(model), progress=False)
 
 
 def test_refuses_bad_arguments():
