@@ -99,7 +99,8 @@ def search(model, tok, val_records, test_records, args, out: Path) -> dict[str, 
         config = getattr(shears, f"{name}_config")(model)
         print(f"    {name:9s} sub-adapter: held-out loss {evaluate(config):.4f}, "
               f"{shears.adapter_parameters(model, config):,} adapter parameters")
-    # Every group's loss change at every rank, from one backward pass per batch...
+    # Every group's loss change at every rank, from 3 forward and backward passes per batch
+    # (the masks' gradients along maximal -> minimal)...
     sensitivity = shears.rank_sensitivity(model, batches)
     sensitivity.save(out / "sensitivity.json")
     # ...then the best sub-adapter no larger than the heuristic, for --budget evaluations:
