@@ -25,7 +25,9 @@ them, then two plain forwards of every block over the calibration set, in the sa
 (``--batch-sizes``) and with no hooks: one whose outputs are dropped (the statistics
 forward), one that overwrites the hidden-state buffer (the next block's inputs). Sides
 alternate (ABBA) on the same weights, restored before every run, and the median over
-``--repeats`` of the per-pair ratio ours / floor is reported:
+``--repeats`` of the per-round ratio ours / floor is reported; also against a tight floor,
+the matmuls ``wanda_prune`` computes itself (its statistics forward stops at the last map's
+input, and the last block is not run twice), so that ours / tight floor is pure overhead:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_prune.py --floor --batch-sizes 8,1 --repeats 5
 """
@@ -134,22 +136,48 @@ def reference_wanda(model, calib: torch.Tensor, sparsity: float) -> None:
 
 
 # ---- the floor (issue 18): what sequential Wanda cannot go below ----
+class _Enough(Exception):
+    """Raised by the tight floor once every linear map of a block has seen its input."""
+
+
 @torch.no_grad()
-def floor_passes(model: nn.Module, calib: torch.Tensor, batch_size: int) -> None:
+def floor_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                 tight: bool = False) -> None:
     """The first block's inputs captured as ``wanda_prune`` does, then two forwards of every
-    block over the calibration set in chunks of ``batch_size``, with no hooks: the first's
-    outputs dropped (statistics), the second's written over the hidden-state buffer."""
+    block over the calibration set in chunks of ``batch_size``: the first's outputs dropped
+    (statistics), the second's written over the hidden-state buffer (the next block's
+    inputs). No hooks, except with ``tight``: the matmuls ``wanda_prune`` itself computes,
+    i.e. the first forward abandoned once every linear map has seen its input (a pre-hook
+    that only counts) and the last block not run a second time."""
     calibration = as_calibration(calib)
     _, blocks = find_decoder_blocks(model)
     device = next(model.parameters()).device
     inputs = capture_block_inputs(model, blocks[0], calibration, batch_size, device)
     starts = [start for start, _, _ in calibration.batches(batch_size)]
-    for block in blocks:
+    for i, block in enumerate(blocks):
+        maps = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        pending: set[int] = set()
+
+        def seen(module, args, pending=pending):
+            pending.discard(id(module))
+            if not pending:
+                raise _Enough
+
+        handles = [m.register_forward_pre_hook(seen) for m in maps] if tight else []
         for b, start in enumerate(starts):
-            call_block(block, inputs, b, inputs.hidden[start : start + batch_size], device)
+            pending.update(id(m) for m in maps)
+            try:
+                call_block(block, inputs, b, inputs.hidden[start : start + batch_size], device)
+            except _Enough:
+                pass
+        for h in handles:
+            h.remove()
+        if tight and i == len(blocks) - 1:
+            break
         for b, start in enumerate(starts):
             out = call_block(block, inputs, b, inputs.hidden[start : start + batch_size], device)
             inputs.hidden[start : start + out.shape[0]].copy_(out)
+# ---- end of the floor ----
 
 
 def _kib(field: str) -> int:
@@ -468,7 +496,8 @@ def _seconds(fn, device: str, *args) -> float:
 
 
 def main_floor(args: argparse.Namespace) -> None:
-    """Per batch size: ``--repeats`` pairs (ours, floor), in ABBA order, on the same weights."""
+    """Per batch size: ``--repeats`` rounds (ours, floor, tight floor), order reversed every
+    other round, on the same weights."""
     calib, make = floor_model(args)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"{args.model}, calibration {tuple(calib.shape)}, device {args.device}, torch "
@@ -476,6 +505,7 @@ def main_floor(args: argparse.Namespace) -> None:
     sides = {
         "shears": lambda m, b: wanda_prune(m, calib, 0.5, batch_size=b, progress=False),
         "floor": lambda m, b: floor_passes(m, calib, b),
+        "tight floor": lambda m, b: floor_passes(m, calib, b, tight=True),
     }
     floor_passes(make(), calib[: max(sizes)], max(sizes))  # warm-up: kernels, allocator
     summary = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
@@ -487,21 +517,23 @@ def main_floor(args: argparse.Namespace) -> None:
             for side in order:
                 model = make()
                 times[side].append(_seconds(sides[side], args.device, model, b))
-            print(f"  batch {b} pair {k}: shears {times['shears'][-1]:.2f} s, floor "
-                  f"{times['floor'][-1]:.2f} s, ratio "
-                  f"{times['shears'][-1] / times['floor'][-1]:.3f}", flush=True)
-        ratios = [a / f for a, f in zip(times["shears"], times["floor"], strict=True)]
-        summary["batch_sizes"][b] = {
-            "shears_s": times["shears"], "floor_s": times["floor"], "ratios": ratios,
-            "median_ratio": statistics.median(ratios),
-            "median_shears_s": statistics.median(times["shears"]),
-            "median_floor_s": statistics.median(times["floor"]),
-        }
+            print(f"  batch {b} round {k}: " + ", ".join(
+                f"{side} {t[-1]:.2f} s" for side, t in times.items()), flush=True)
+        result = {f"{side}_s": t for side, t in times.items()}
+        for side in ("floor", "tight floor"):
+            ratios = [a / f for a, f in zip(times["shears"], times[side], strict=True)]
+            result[f"shears / {side}"] = ratios
+            result[f"median shears / {side}"] = statistics.median(ratios)
+        summary["batch_sizes"][b] = result
     print("\n| batch size | shears (s, median) | floor (s, median) | shears / floor (median of "
-          "pairs) | all pairs |\n|---|---|---|---|---|")
+          "rounds) | tight floor (s, median) | shears / tight floor (median) | all rounds, "
+          "shears / floor |\n|---|---|---|---|---|---|---|")
     for b, r in summary["batch_sizes"].items():
-        print(f"| {b} | {r['median_shears_s']:.2f} | {r['median_floor_s']:.2f} "
-              f"| **{r['median_ratio']:.3f}** | {', '.join(f'{x:.3f}' for x in r['ratios'])} |")
+        med = {side: statistics.median(r[f"{side}_s"]) for side in sides}
+        print(f"| {b} | {med['shears']:.2f} | {med['floor']:.2f} "
+              f"| **{r['median shears / floor']:.3f}** | {med['tight floor']:.2f} "
+              f"| {r['median shears / tight floor']:.3f} "
+              f"| {', '.join(f'{x:.3f}' for x in r['shears / floor'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
