@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from shears import wanda_prune
-from shears.pruning.masks import nm_mask, parse_pattern, unstructured_mask
+from shears.pruning.masks import nm_mask, parse_pattern, unstructured_mask, zero_masked_
 
 
 class ToyBlock(nn.Module):
@@ -146,3 +146,19 @@ def test_nm_mask_is_the_stable_sorts_choice_bit_for_bit(seed, n, m):
     assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
     scores[0, 5] = float("nan")
     assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])  # Conv1D's (out, in) view is a transpose
+def test_zero_masked_is_masked_fill_bit_for_bit(dtype, transposed):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g).to(dtype)
+    w[0, :6] = -0.0
+    w[1, :3] = float("inf")
+    mask = torch.rand(40, 24, generator=g) < 0.5
+    a, b = w.clone(), w.clone()
+    view = (lambda t: t.t()) if transposed else (lambda t: t)
+    view(a).masked_fill_(view(mask), 0)
+    zero_masked_(view(b), view(mask))
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    assert torch.equal(a.view(ints), b.view(ints))  # +0.0 where masked, every other bit kept
