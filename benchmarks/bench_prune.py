@@ -18,6 +18,18 @@ same seeded model afresh in this process; on CUDA its peak memory is
 built, so runs in one process do not see each other's peaks (on CPU the in-process peak RSS
 is only indicative). ``--profile FILE`` instead profiles one shears run and writes the
 operator table, to see where the time goes.
+
+``--floor`` (issue 18, any model) times ``wanda_prune`` against the floor of sequential
+Wanda in the same process: the first block's inputs captured as ``wanda_prune`` captures
+them, then two plain forwards of every block over the calibration set, in the same chunks
+(``--batch-sizes``) and with no hooks: one whose outputs are dropped (the statistics
+forward), one that overwrites the hidden-state buffer (the next block's inputs). Sides
+alternate (ABBA) on the same weights, restored before every run, and the median over
+``--repeats`` of the per-round ratio ours / floor is reported; also against a tight floor,
+the matmuls ``wanda_prune`` computes itself (its statistics forward stops at the last map's
+input, and the last block is not run twice), so that ours / tight floor is pure overhead:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_prune.py --floor --batch-sizes 8,1 --repeats 5
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +50,9 @@ from torch import nn
 
 from shears import wanda_prune
 from shears.evaluation.perplexity import perplexity
-from shears.pruning.layers import linear_modules
+from shears.pruning.calibration import as_calibration
+from shears.pruning.capture import call_block, capture_block_inputs
+from shears.pruning.layers import find_decoder_blocks, linear_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from smollm2 import load_smollm2  # noqa: E402  (the examples' model loader)
@@ -118,6 +133,51 @@ def reference_wanda(model, calib: torch.Tensor, sparsity: float) -> None:
             outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
         inps, outs = outs, inps
 # ---- end of the reference ----
+
+
+# ---- the floor (issue 18): what sequential Wanda cannot go below ----
+class _Enough(Exception):
+    """Raised by the tight floor once every linear map of a block has seen its input."""
+
+
+@torch.no_grad()
+def floor_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                 tight: bool = False) -> None:
+    """The first block's inputs captured as ``wanda_prune`` does, then two forwards of every
+    block over the calibration set in chunks of ``batch_size``: the first's outputs dropped
+    (statistics), the second's written over the hidden-state buffer (the next block's
+    inputs). No hooks, except with ``tight``: the matmuls ``wanda_prune`` itself computes,
+    i.e. the first forward abandoned once every linear map has seen its input (a pre-hook
+    that only counts) and the last block not run a second time."""
+    calibration = as_calibration(calib)
+    _, blocks = find_decoder_blocks(model)
+    device = next(model.parameters()).device
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size, device)
+    starts = [start for start, _, _ in calibration.batches(batch_size)]
+    for i, block in enumerate(blocks):
+        maps = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        pending: set[int] = set()
+
+        def seen(module, args, pending=pending):
+            pending.discard(id(module))
+            if not pending:
+                raise _Enough
+
+        handles = [m.register_forward_pre_hook(seen) for m in maps] if tight else []
+        for b, start in enumerate(starts):
+            pending.update(id(m) for m in maps)
+            try:
+                call_block(block, inputs, b, inputs.hidden[start : start + batch_size], device)
+            except _Enough:
+                pass
+        for h in handles:
+            h.remove()
+        if tight and i == len(blocks) - 1:
+            break
+        for b, start in enumerate(starts):
+            out = call_block(block, inputs, b, inputs.hidden[start : start + batch_size], device)
+            inputs.hidden[start : start + out.shape[0]].copy_(out)
+# ---- end of the floor ----
 
 
 def _kib(field: str) -> int:
@@ -224,17 +284,24 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="random models; auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--profile", default=None,
-                   help="random models: profile one shears batch-1 run, write the table here")
+                   help="profile one shears run (the first of --batch-sizes; random models: "
+                        "batch 1), write the operator table here")
+    p.add_argument("--floor", action="store_true",
+                   help="wanda_prune against two plain forwards per block, same process")
     p.add_argument("--worker"), p.add_argument("--calib"), p.add_argument("--out")
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.calib, args.out, args.device)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
+    if args.floor:
+        return main_floor(args)
     if args.model in PRESETS:
         return main_random(args)
-    if args.blocks is not None or args.profile:
-        p.error("--blocks and --profile are for the random models")
+    if args.blocks is not None:
+        p.error("--blocks is for the random models")
+    if args.profile:
+        return profile_smollm2(args)
 
     _, tok = load_smollm2()
     ids, calib, ppl_ids = protocol_ids(tok, args.data)
@@ -370,24 +437,113 @@ def random_summary(args: argparse.Namespace, calib: torch.Tensor, runs: dict) ->
 
 def profile_shears(args: argparse.Namespace, calib: torch.Tensor) -> None:
     """One shears batch-1 run under torch.profiler (after one warm-up run on a fresh model)."""
+    wanda_prune(fresh_model(args), calib[:2], 0.5, progress=False)  # kernels, allocator warm
+    write_profile(args, fresh_model(args), calib, 1, args.model)
+
+
+def write_profile(args: argparse.Namespace, model: nn.Module, calib: torch.Tensor,
+                  batch_size: int, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
-    wanda_prune(fresh_model(args), calib[:2], 0.5, progress=False)  # kernels, allocator warm
-    model = fresh_model(args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        run = timed_prune(model, calib, 1, args.device)
+        run = timed_prune(model, calib, batch_size, args.device)
     unit = "cuda" if cuda else "cpu"  # torch maps "cuda" to "device" in the sort keys
     averages = prof.key_averages()
     table = (f"by self {unit} time:\n"
              + averages.table(sort_by=f"self_{unit}_time_total", row_limit=30)
              + f"\nby total {unit} time (children included):\n"
              + averages.table(sort_by=f"{unit}_time_total", row_limit=20))
-    head = (f"{args.model}, {args.blocks or 'all'} blocks, calibration {tuple(calib.shape)}, "
-            f"{args.device}: {run['seconds']:.2f} s under the profiler\n")
+    head = (f"{name}, {args.blocks or 'all'} blocks, calibration {tuple(calib.shape)}, "
+            f"batch {batch_size}, {args.device}, {torch.get_num_threads()} threads: "
+            f"{run['seconds']:.2f} s under the profiler\n")
     Path(args.profile).write_text(head + table)
     print(head + table)
+
+
+# ---- ours against the floor, in one process (issue 18) ---------------------------------------
+
+def floor_model(args: argparse.Namespace):
+    """``(calib, make)``: the calibration ids and a function giving the dense model afresh
+    (SmolLM2: its weights copied back from a dense copy; random models: built again)."""
+    if args.model in PRESETS:
+        calib = random_ids(args.nsamples, args.seqlen, PRESETS[args.model]["vocab_size"])
+        return calib, lambda: fresh_model(args)
+    model, tok = load_smollm2()
+    model.to(args.device).config.use_cache = False
+    _, calib, _ = protocol_ids(tok, args.data)
+    dense = [p.detach().clone() for p in model.parameters()]
+
+    def make() -> nn.Module:
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), dense, strict=True):
+                p.copy_(d)
+        return model
+
+    return calib, make
+
+
+def _seconds(fn, device: str, *args) -> float:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main_floor(args: argparse.Namespace) -> None:
+    """Per batch size: ``--repeats`` rounds (ours, floor, tight floor), order reversed every
+    other round, on the same weights."""
+    calib, make = floor_model(args)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"{args.model}, calibration {tuple(calib.shape)}, device {args.device}, torch "
+          f"threads {torch.get_num_threads()}", flush=True)
+    sides = {
+        "shears": lambda m, b: wanda_prune(m, calib, 0.5, batch_size=b, progress=False),
+        "floor": lambda m, b: floor_passes(m, calib, b),
+        "tight floor": lambda m, b: floor_passes(m, calib, b, tight=True),
+    }
+    floor_passes(make(), calib[: max(sizes)], max(sizes))  # warm-up: kernels, allocator
+    summary = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+               "calibration": list(calib.shape), "repeats": args.repeats, "batch_sizes": {}}
+    for b in sizes:
+        times = {side: [] for side in sides}
+        for k in range(args.repeats):
+            order = list(sides) if k % 2 == 0 else list(sides)[::-1]
+            for side in order:
+                model = make()
+                times[side].append(_seconds(sides[side], args.device, model, b))
+            print(f"  batch {b} round {k}: " + ", ".join(
+                f"{side} {t[-1]:.2f} s" for side, t in times.items()), flush=True)
+        result = {f"{side}_s": t for side, t in times.items()}
+        for side in ("floor", "tight floor"):
+            ratios = [a / f for a, f in zip(times["shears"], times[side], strict=True)]
+            result[f"shears / {side}"] = ratios
+            result[f"median shears / {side}"] = statistics.median(ratios)
+        summary["batch_sizes"][b] = result
+    print("\n| batch size | shears (s, median) | floor (s, median) | shears / floor (median of "
+          "rounds) | tight floor (s, median) | shears / tight floor (median) | all rounds, "
+          "shears / floor |\n|---|---|---|---|---|---|---|")
+    for b, r in summary["batch_sizes"].items():
+        med = {side: statistics.median(r[f"{side}_s"]) for side in sides}
+        print(f"| {b} | {med['shears']:.2f} | {med['floor']:.2f} "
+              f"| **{r['median shears / floor']:.3f}** | {med['tight floor']:.2f} "
+              f"| {r['median shears / tight floor']:.3f} "
+              f"| {', '.join(f'{x:.3f}' for x in r['shears / floor'])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+def profile_smollm2(args: argparse.Namespace) -> None:
+    """One SmolLM2 ``wanda_prune`` run (the first of --batch-sizes) under torch.profiler."""
+    calib, make = floor_model(args)
+    batch_size = int(args.batch_sizes.split(",")[0])
+    wanda_prune(make(), calib[:batch_size], 0.5, batch_size=batch_size, progress=False)
+    write_profile(args, make(), calib, batch_size, "smollm2")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from shears import wanda_prune
-from shears.pruning.masks import nm_mask, parse_pattern, unstructured_mask
+from shears.pruning.masks import nm_mask, parse_pattern, unstructured_mask, zero_masked_
 
 
 class ToyBlock(nn.Module):
@@ -91,3 +91,74 @@ def test_parse_pattern_accepts():
     assert parse_pattern("unstructured") is None
     assert parse_pattern("2:4") == (2, 4)
     assert parse_pattern("4:8") == (4, 8)
+
+
+def _stable_sort_mask(scores, k):
+    """The definition (the reference's code): the first k of a stable sort of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+
+
+def _stable_sort_nm(scores, n, m):
+    blocks = scores.reshape(scores.shape[0], -1, m)
+    lowest = torch.sort(blocks, dim=2, stable=True).indices[..., :n]
+    return torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, lowest, True).reshape(
+        scores.shape)
+
+
+def _tie_heavy_scores(seed):
+    """Scores with many exact ties (few distinct levels), +0.0 and -0.0, inf, negatives,
+    duplicated columns and whole constant rows: every way a tie at the threshold can occur."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 5, (37, 48), generator=g).float() * 0.25
+    s[::5] = 1.0                                      # constant rows
+    s[1, ::2] = -0.0                                  # -0.0 ties +0.0
+    s[2, :7] = float("inf")
+    s[3] = -s[3]                                      # negatives
+    s[4, 24:] = s[4, :24]                             # duplicated halves
+    s[6] = torch.rand(48, generator=g)                # no ties at all
+    return s
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sparsity", [0.0, 0.02, 0.3, 0.5, 0.7, 0.99])
+def test_unstructured_mask_is_the_stable_sorts_choice_bit_for_bit(seed, sparsity):
+    # issue 18: the selection no longer sorts; ties at the threshold must still fall to the
+    # lower column index exactly as torch.sort(stable=True) puts them
+    scores = _tie_heavy_scores(seed)
+    k = int(scores.shape[1] * sparsity)
+    assert torch.equal(unstructured_mask(scores, sparsity), _stable_sort_mask(scores, k))
+
+
+def test_unstructured_mask_with_nan_sorts_them_last():
+    scores = _tie_heavy_scores(0)
+    scores[0, :40] = float("nan")   # the threshold itself is NaN in this row
+    scores[1, 3] = float("nan")     # a NaN above the threshold
+    for sparsity in (0.5, 0.9):
+        k = int(48 * sparsity)
+        assert torch.equal(unstructured_mask(scores, sparsity), _stable_sort_mask(scores, k))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (5, 16), (2, 24)])
+def test_nm_mask_is_the_stable_sorts_choice_bit_for_bit(seed, n, m):
+    scores = _tie_heavy_scores(seed)
+    assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
+    scores[0, 5] = float("nan")
+    assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])  # Conv1D's (out, in) view is a transpose
+def test_zero_masked_is_masked_fill_bit_for_bit(dtype, transposed):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g).to(dtype)
+    w[0, :6] = -0.0
+    w[1, :3] = float("inf")
+    mask = torch.rand(40, 24, generator=g) < 0.5
+    a, b = w.clone(), w.clone()
+    view = (lambda t: t.t()) if transposed else (lambda t: t)
+    view(a).masked_fill_(view(mask), 0)
+    zero_masked_(view(b), view(mask))
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    assert torch.equal(a.view(ints), b.view(ints))  # +0.0 where masked, every other bit kept

@@ -17,6 +17,7 @@ from shears.pruning.masks import (
     parse_pattern,
     unstructured_mask,
     wanda_scores,
+    zero_masked_,
 )
 from shears.pruning.statistics import BlockDone, InputStatistics
 
@@ -40,7 +41,7 @@ def _resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> flo
 
 def _prune(module: nn.Module, scores: torch.Tensor, sparsity: float, nm) -> None:
     mask = unstructured_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
-    weight_matrix(module).masked_fill_(mask.to(module.weight.device), 0)
+    zero_masked_(weight_matrix(module), mask.to(module.weight.device))
 
 
 def _device_of(block: nn.Module) -> torch.device:
