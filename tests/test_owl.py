@@ -1,5 +1,7 @@
 """Per-map / per-block sparsity and OWL, against computations written out independently."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -291,3 +293,26 @@ def test_owl_base_with_plain_adapters_exports_to_peft(tmp_path):
     nls_steps(model, tmp_path)
     export_peft(model, tmp_path / "peft", heuristic_config(model))
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+# ---- examples/reproduce.py --allocation ----
+class _CharTokenizer:
+    """Token id = byte value mod the tiny vocabulary: enough for calibration_data."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = torch.tensor([b % VOCAB for b in text.encode()])[None]
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+def test_reproduce_prunes_with_owl(tmp_path):
+    import reproduce
+
+    args = reproduce.parse_args(["--allocation", "owl", "--owl-lambda", "0.1", "--owl-rows",
+                                 "2", "--sparsity", "0.6", "--calibration", "train",
+                                 "--nsamples", "4", "--calib-seqlen", "16"])
+    records = [{"instruction": "add the numbers " * 4, "output": "the answer is 7 " * 4}] * 8
+    summary = reproduce.prune(llama(), _CharTokenizer(), args, tmp_path, records, tmp_path)
+    assert summary["outlier_ratios"] and len(set(summary["allocation"].values())) > 1
+    assert abs(sum(summary["allocation"].values()) / 4 - 0.6) < 1e-9
+    saved = json.loads((tmp_path / "pruning.json").read_text())
+    assert saved["allocation"] == {str(k): v for k, v in summary["allocation"].items()}
