@@ -18,6 +18,10 @@ run resumes. A row name says what it is: ``dense``, ``magnitude 60%``, ``wanda 6
 records the perplexity, the pruning seconds and, for OWL, the allocation and outlier ratios.
 The summary adds, per sparsity, OWL seconds / uniform Wanda seconds (rows of one run, one
 after the other, so drifting load on a shared machine shows as noise in the ratio).
+
+``--timing "wanda 50%,owl 50%,owl 50% rows4" --repeats 3`` instead times those prunes only
+(no perplexity), alternating them ``--repeats`` times, and records every time, the fastest
+of each and its ratio to the fastest of the first (results["timing"]).
 """
 
 from __future__ import annotations
@@ -104,6 +108,25 @@ def print_table(results: dict) -> None:
         print(f"| {name} | {row['perplexity']:.2f} | {secs} | {ratio} |")
 
 
+def timing(model, dense: dict, names: list[str], calib, repeats: int, batch_size: int,
+           path: Path, results: dict) -> None:
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for name in names:  # alternate, as drifting load hits all alike
+            model.load_state_dict(dense)
+            t0 = time.perf_counter()
+            wanda_prune(model, calib, batch_size=batch_size, progress=False,
+                        **parse_row(name)["kwargs"])
+            seconds[name].append(time.perf_counter() - t0)
+            print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
+    best = {n: min(s) for n, s in seconds.items()}
+    results["timing"] = {"seconds": seconds, "fastest": best,
+                         "over_first": {n: best[n] / best[names[0]] for n in names}}
+    write_json(path, results, indent=1)
+    for name in names:
+        print(f"| {name} | {best[name]:.1f} s | {best[name] / best[names[0]]:.3f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="folder holding wikitext-2-raw/")
@@ -113,6 +136,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40, help="512-token perplexity windows")
     p.add_argument("--batch-size", type=int, default=1, help="wanda_prune batch_size")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timing", default=None, help="comma-separated rows to time only")
+    p.add_argument("--repeats", type=int, default=3, help="--timing: rounds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -132,6 +157,10 @@ def main() -> None:
     ids, calib, test_ids = protocol_ids(tok, args.data)
     ppl_ids = test_ids if args.split == "test" else ids[ids.numel() // 2 :]
     dense = {k: v.clone() for k, v in model.state_dict().items()}
+    if args.timing:
+        names = [r.strip() for r in args.timing.split(",") if r.strip()]
+        timing(model, dense, names, calib, args.repeats, args.batch_size, path, results)
+        return
     for name in rows:
         if name in results["rows"]:
             continue
