@@ -112,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("pruning (Wanda)")
     g.add_argument("--sparsity", type=float, default=0.5)
     g.add_argument("--pattern", default="unstructured", help='"unstructured" or N:M, e.g. "2:4"')
+    g.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+                   help="uniform: every map at --sparsity; owl: a sparsity per block from its "
+                   "outlier scores, mean over pruned parameters --sparsity (docs/pruning.md)")
+    g.add_argument("--owl-threshold", type=float, default=5.0, help="OWL's M")
+    g.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda")
+    g.add_argument("--owl-rows", type=int, default=None,
+                   help="calibration rows of OWL's dense pass (default: all)")
     g.add_argument("--calibration", choices=["wikitext2", "train"], default="wikitext2",
                    help="calibration text: WikiText-2 test, or the training records")
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -200,7 +207,8 @@ class Ledger:
 
 # What a folder written before a flag existed ran with (docs/results.md's measured runs).
 SETTINGS_BEFORE_FLAGS = {"num_beams": 1, "answer_rule": "shears", "nls_sample_every": "step",
-                         "lr_scheduler": "linear"}
+                         "lr_scheduler": "linear", "allocation": "uniform",
+                         "owl_threshold": 5.0, "owl_lambda": 0.08, "owl_rows": None}
 
 
 def check_settings(out: Path, args: argparse.Namespace) -> None:
@@ -367,7 +375,9 @@ def prune(model, tok, args, data: Path, train: list[dict], out: Path) -> dict:
         texts = [format_prompt(r["instruction"], r.get("input"), r["output"]) for r in train]
     calibration = shears.calibration_data(tok, texts, args.nsamples, args.calib_seqlen, args.seed)
     sparsity = None if args.pattern != "unstructured" else args.sparsity
-    report = shears.wanda_prune(model, calibration, sparsity, pattern=args.pattern)
+    report = shears.wanda_prune(model, calibration, sparsity, pattern=args.pattern,
+                                allocation=args.allocation, owl_threshold=args.owl_threshold,
+                                owl_lambda=args.owl_lambda, owl_rows=args.owl_rows)
     summary = {k: v for k, v in report.to_dict().items() if k != "modules"}
     summary.update(maps=len(report.modules), digest=weights_digest(model))
     cached = read_json(out / "pruning.json")

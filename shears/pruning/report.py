@@ -18,6 +18,7 @@ class ModuleSparsity:
     shape: tuple[int, int]  # (out_features, in_features)
     zeros: int
     numel: int
+    target: float | None = None  # the sparsity wanda_prune was asked to give this map
 
     @property
     def sparsity(self) -> float:
@@ -33,6 +34,11 @@ class SparsityReport:
         total_parameters: every parameter of the model (adapters included).
         nonzero_parameters: its non-zero entries.
         adapter_parameters: trainable adapter parameters (``lora_*``), 0 before stage 2.
+        allocation: from ``wanda_prune``, {decoder-block index: sparsity} when the maps of
+            each block were given one sparsity (uniform, OWL, a per-block mapping); None
+            otherwise. Passed back as ``sparsity=`` it gives the same masks.
+        outlier_ratios: from ``wanda_prune(allocation="owl")``, {block index: D_l}, the
+            share of the block's scores above ``owl_threshold`` times their mean.
     """
 
     modules: list[ModuleSparsity]
@@ -40,6 +46,8 @@ class SparsityReport:
     nonzero_parameters: int
     adapter_parameters: int = 0
     extra: dict = field(default_factory=dict)
+    allocation: dict[int, float] | None = None
+    outlier_ratios: dict[int, float] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -55,6 +63,8 @@ class SparsityReport:
             "adapter_parameters": self.adapter_parameters,
             "modules": [dict(asdict(m), shape=list(m.shape), sparsity=m.sparsity)
                         for m in self.modules],
+            "allocation": self.allocation,
+            "outlier_ratios": self.outlier_ratios,
             **self.extra,
         }
 
@@ -63,10 +73,15 @@ class SparsityReport:
 
     def __str__(self) -> str:
         width = max([len(m.name) for m in self.modules] + [6])
-        lines = [f"{'module':<{width}}  {'shape':>12}  {'zeros':>10}  {'sparsity':>8}"]
+        targets = any(m.target is not None for m in self.modules)
+        lines = [f"{'module':<{width}}  {'shape':>12}  {'zeros':>10}  {'sparsity':>8}"
+                 + (f"  {'target':>8}" if targets else "")]
         for m in self.modules:
             shape = f"{m.shape[0]}x{m.shape[1]}"
-            lines.append(f"{m.name:<{width}}  {shape:>12}  {m.zeros:>10}  {m.sparsity:>8.2%}")
+            target = "" if not targets else (
+                f"  {m.target:>8.2%}" if m.target is not None else f"  {'':>8}")
+            lines.append(f"{m.name:<{width}}  {shape:>12}  {m.zeros:>10}  {m.sparsity:>8.2%}"
+                         + target)
         lines += [
             f"pruned modules: {len(self.modules)}, overall sparsity {self.sparsity:.2%}",
             f"parameters: {self.total_parameters:,} total, {self.nonzero_parameters:,} non-zero"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Real
 
 import torch
@@ -18,6 +19,13 @@ from shears.pruning.masks import (
     unstructured_mask,
     wanda_scores,
     zero_masked_,
+)
+from shears.pruning.owl import (
+    block_allocation,
+    check_owl_settings,
+    outlier_ratios,
+    owl_allocation,
+    per_map_sparsity,
 )
 from shears.pruning.statistics import BlockDone, InputStatistics
 
@@ -84,7 +92,8 @@ def _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm
     means = stats.means(len(calib))
     _check_finite(means.values(), f"decoder block {name}")
     for qualified, module in modules.items():
-        _prune(module, wanda_scores(weight_matrix(module), means[qualified]), sparsity, nm)
+        _prune(module, wanda_scores(weight_matrix(module), means[qualified]),
+               sparsity[qualified], nm)
     if propagate and sequential:
         _run_pass(block, inputs, calib, batch_size, device, None, write=True)
     if propagate:
@@ -127,10 +136,14 @@ def _vocabulary_size(model: nn.Module) -> int | None:
 def wanda_prune(
     model: nn.Module,
     calibration=None,
-    sparsity: float | None = None,
+    sparsity: float | Mapping[str | int, float] | None = None,
     *,
     pattern: str = "unstructured",
     method: str = "wanda",
+    allocation: str = "uniform",
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    owl_rows: int | None = None,
     sequential: bool = True,
     batch_size: int = 1,
     targets: str | list[str] | None = None,
@@ -145,10 +158,21 @@ def wanda_prune(
         calibration: LongTensor (n, seqlen) of token ids (see :func:`calibration_data`), a
             list of dicts with ``input_ids`` (and optional ``attention_mask``), or a
             DataLoader yielding such dicts. Unused by ``method="magnitude"``.
-        sparsity: fraction zeroed in each output row, in [0, 1). Default 0.5, or N/M.
+        sparsity: fraction zeroed in each output row, in [0, 1). Default 0.5, or N/M. Or a
+            mapping (unstructured only) from decoder-block index (``int``, or a string of
+            digits) or qualified module name to that block's / map's sparsity, covering every
+            selected map once; ``SparsityReport.allocation`` is such a mapping.
         pattern: ``"unstructured"`` or ``"N:M"`` (the N lowest of each M consecutive inputs).
         method: ``"wanda"`` (|W| * sqrt(mean over sequences of sum_tokens x^2)) or
             ``"magnitude"`` (|W|, the baseline).
+        allocation: ``"uniform"`` (every map gets ``sparsity``) or ``"owl"`` (OWL, Yin et al.
+            2024: a sparsity per decoder block from its share of outlier scores, measured on
+            the dense model in one extra pass; the mean over prunable parameters is exactly
+            ``sparsity``, each block within ``sparsity`` +- ``owl_lambda``; see
+            :func:`shears.pruning.owl.owl_allocation`). Unstructured and a float only.
+        owl_threshold: M, a score is an outlier above M times its block's mean score.
+        owl_lambda: the allocation's half-range around ``sparsity``.
+        owl_rows: calibration rows (the first ones) OWL's dense pass uses; all by default.
         sequential: prune block after block, each block's pruned outputs feeding the next
             (the reference behaviour); False takes every statistic from the dense model.
         batch_size: calibration rows per block call. The default 1 reproduces the reference
@@ -162,24 +186,38 @@ def wanda_prune(
         progress: show a progress bar per decoder block.
 
     Returns:
-        The :class:`SparsityReport` of the pruned maps.
+        The :class:`SparsityReport` of the pruned maps: each map's target and measured
+        sparsity, ``allocation`` ({block index: sparsity} when the maps of each block share
+        one) and, for OWL, ``outlier_ratios`` ({block index: D_l}).
     """
     nm = parse_pattern(pattern)
-    sparsity = _resolve_sparsity(sparsity, nm)
+    mapping = isinstance(sparsity, Mapping)
+    if mapping and nm is not None:
+        raise ValueError(f"a sparsity per block or map is for unstructured pruning; the "
+                         f"{pattern} pattern fixes every map's sparsity at {nm[0]}/{nm[1]}")
+    if not mapping:
+        sparsity = _resolve_sparsity(sparsity, nm)
     if method not in ("wanda", "magnitude"):
         raise ValueError(f"method must be 'wanda' or 'magnitude', got {method!r}")
+    _check_allocation(allocation, nm, mapping, sparsity, owl_threshold, owl_lambda, owl_rows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _check_model(model)
     per_block = prunable_modules(model, targets, exclude)
+    per_map = per_map_sparsity(per_block, sparsity)
     _check_weights(per_block)
     pruned = [name for _, modules in per_block for name in modules]
+    offload = torch.device(offload_device) if offload_device else None
+    ratios = None
     if method == "magnitude":
+        if allocation == "owl":
+            ratios, per_map = _owl(model, per_block, None, sparsity, owl_threshold,
+                                   owl_lambda, owl_rows, batch_size, offload, progress)
         with torch.no_grad():
             for _, modules in per_block:
-                for module in modules.values():
-                    _prune(module, magnitude_scores(weight_matrix(module)), sparsity, nm)
-        return sparsity_report(model, pruned)
+                for name, module in modules.items():
+                    _prune(module, magnitude_scores(weight_matrix(module)), per_map[name], nm)
+        return _report(model, pruned, per_map, per_block, ratios)
     calib = as_calibration(calibration)  # validated before any weight is touched
     vocab_size = _vocabulary_size(model)
     if vocab_size is not None:
@@ -187,15 +225,59 @@ def wanda_prune(
     was_training = model.training
     model.eval()
     try:
-        _prune_blocks(model, per_block, calib, sparsity, nm, sequential, batch_size,
-                      torch.device(offload_device) if offload_device else None, progress)
+        if allocation == "owl":
+            ratios, per_map = _owl(model, per_block, calib, sparsity, owl_threshold,
+                                   owl_lambda, owl_rows, batch_size, offload, progress)
+        _prune_blocks(model, per_block, calib, per_map, nm, sequential, batch_size,
+                      offload, progress)
     finally:
         model.train(was_training)
-    return sparsity_report(model, pruned)
+    return _report(model, pruned, per_map, per_block, ratios)
+
+
+def _check_allocation(allocation, nm, mapping, sparsity, threshold, lam, rows) -> None:
+    if allocation not in ("uniform", "owl"):
+        raise ValueError(f"allocation must be 'uniform' or 'owl', got {allocation!r}")
+    if allocation == "uniform":
+        return
+    if nm is not None:
+        raise ValueError(f"allocation='owl' sets a sparsity per block, which an N:M pattern "
+                         f"cannot take (every block of {nm[1]} keeps {nm[1] - nm[0]}); use "
+                         "pattern='unstructured', or allocation='uniform' for N:M")
+    if mapping:
+        raise ValueError("allocation='owl' computes the sparsity per block itself; give it "
+                         "the overall target as a float (or pass your mapping with "
+                         "allocation='uniform')")
+    check_owl_settings(threshold, lam)
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"owl_rows must be a positive int (or None: all rows), got {rows!r}")
+    owl_allocation({0: 0.0}, {0: 1}, sparsity, lam)  # S + lambda < 1, before any pass
+
+
+def _owl(model, per_block, calib, sparsity, threshold, lam, rows, batch_size, offload,
+         progress):
+    """OWL's outlier ratios (dense model) and the per-map sparsity of its allocation."""
+    _, blocks = find_decoder_blocks(model)
+    ratios = outlier_ratios(model, blocks, per_block, calib, threshold, rows=rows,
+                            batch_size=batch_size, offload_device=offload, progress=progress)
+    parameters = {i: sum(weight_matrix(m).numel() for m in modules.values())
+                  for i, (_, modules) in enumerate(per_block) if modules}
+    blocks_sparsity = owl_allocation(ratios, parameters, sparsity, lam)
+    return ratios, per_map_sparsity(per_block, blocks_sparsity)
+
+
+def _report(model, pruned, per_map, per_block, ratios) -> SparsityReport:
+    report = sparsity_report(model, pruned)
+    for row in report.modules:
+        row.target = per_map[row.name]
+    report.allocation = block_allocation(per_block, per_map)
+    report.outlier_ratios = ratios
+    return report
 
 
 def _prune_blocks(model, per_block, calib, sparsity, nm, sequential, batch_size,
                   offload_device, progress) -> None:
+    # sparsity: qualified map name -> its sparsity
     prefix, blocks = find_decoder_blocks(model)
     last = max(i for i, (_, modules) in enumerate(per_block) if modules)
     store = _device_of(model) if offload_device is None else torch.device("cpu")
