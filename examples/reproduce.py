@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--owl-threshold", type=float, default=5.0, help="OWL's M")
     g.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda")
     g.add_argument("--owl-rows", type=int, default=None,
-                   help="calibration rows of OWL's dense pass (default: all)")
+                   help="calibration rows of OWL's dense pass (default: an eighth)")
     g.add_argument("--calibration", choices=["wikitext2", "train"], default="wikitext2",
                    help="calibration text: WikiText-2 test, or the training records")
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -377,7 +377,8 @@ def prune(model, tok, args, data: Path, train: list[dict], out: Path) -> dict:
     sparsity = None if args.pattern != "unstructured" else args.sparsity
     report = shears.wanda_prune(model, calibration, sparsity, pattern=args.pattern,
                                 allocation=args.allocation, owl_threshold=args.owl_threshold,
-                                owl_lambda=args.owl_lambda, owl_rows=args.owl_rows)
+                                owl_lambda=args.owl_lambda,
+                                owl_rows="auto" if args.owl_rows is None else args.owl_rows)
     summary = {k: v for k, v in report.to_dict().items() if k != "modules"}
     summary.update(maps=len(report.modules), digest=weights_digest(model))
     cached = read_json(out / "pruning.json")

@@ -132,7 +132,8 @@ def test_outlier_ratios_match_a_hand_computation(threshold):
     calib = random_ids(6, 24)
     model = llama()
     expected = hand_ratios(llama(), calib, threshold)
-    report = wanda_prune(model, calib, 0.6, allocation="owl", owl_threshold=threshold,
+    report = wanda_prune(model, calib, 0.6, allocation="owl", owl_rows=None,
+                         owl_threshold=threshold,
                          owl_lambda=0.1, batch_size=2, progress=False)
     assert report.outlier_ratios.keys() == expected.keys()
     for block, d in expected.items():
@@ -166,6 +167,15 @@ def test_owl_masks_are_wanda_with_the_allocation_and_the_mean_is_exact():
         w = maps_of(owl)[m.name]
         assert ((w == 0).sum(1) == int(w.shape[1] * m.target)).all()
     assert report.to_dict()["allocation"] == report.allocation
+
+
+def test_owl_rows_auto_is_an_eighth_of_the_rows():
+    calib = random_ids(17, 8)
+    auto = wanda_prune(llama(), calib, 0.5, allocation="owl", progress=False)
+    three = wanda_prune(llama(), calib, 0.5, allocation="owl", owl_rows=3, progress=False)
+    every = wanda_prune(llama(), calib, 0.5, allocation="owl", owl_rows=None, progress=False)
+    assert auto.outlier_ratios == three.outlier_ratios  # ceil(17 / 8) = 3
+    assert auto.outlier_ratios != every.outlier_ratios
 
 
 def test_owl_rows_uses_the_first_rows():
