@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shears.pruning.calibration import Calibration
+from shears.pruning.statistics import BlockDone, InputStatistics
 
 
 class _Caught(Exception):
@@ -109,3 +110,19 @@ def call_block(block: nn.Module, inputs: BlockInputs, batch: int, x: torch.Tenso
         out = block(x, *args, **kwargs)
     # transformers < 5 returns a tuple whose first element is the hidden states
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_pass(block, inputs: BlockInputs, calib: Calibration, batch_size: int, device,
+             stats: InputStatistics | None, write: bool) -> None:
+    """One pass of every calibration batch through ``block``; collect statistics if given,
+    and overwrite the hidden-state buffer with the block's outputs if ``write``."""
+    for b, (start, _, mask) in enumerate(calib.batches(batch_size)):
+        x = inputs.hidden[start : start + batch_size].to(device, non_blocking=True)
+        if stats is not None:
+            stats.start_batch(None if mask is None else mask.to(device))
+        try:
+            out = call_block(block, inputs, b, x, device)
+        except BlockDone:
+            continue
+        if write:
+            inputs.hidden[start : start + out.shape[0]].copy_(out)

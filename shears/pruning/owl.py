@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shears.pruning.calibration import Calibration
-from shears.pruning.capture import call_block, capture_block_inputs
+from shears.pruning.capture import capture_block_inputs, run_pass
 from shears.pruning.layers import weight_matrix
 from shears.pruning.masks import magnitude_scores, wanda_scores
-from shears.pruning.statistics import BlockDone, InputStatistics
+from shears.pruning.statistics import InputStatistics
 
 PerBlock = list[tuple[nn.Module, dict[str, nn.Module]]]
 
@@ -181,15 +181,7 @@ def outlier_ratios(
         block.to(device)
         stats = InputStatistics(modules, device, stop_early=i == last) if modules else None
         try:
-            for b, (start, _, mask) in enumerate(calibration.batches(batch_size)):
-                x = inputs.hidden[start : start + batch_size].to(device, non_blocking=True)
-                if stats is not None:
-                    stats.start_batch(None if mask is None else mask.to(device))
-                try:
-                    out = call_block(block, inputs, b, x, device)
-                except BlockDone:
-                    continue
-                inputs.hidden[start : start + out.shape[0]].copy_(out)
+            run_pass(block, inputs, calibration, batch_size, device, stats, write=True)
         finally:
             if stats is not None:
                 stats.remove()

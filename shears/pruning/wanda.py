@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from shears.pruning.calibration import Calibration, as_calibration, check_token_ids
-from shears.pruning.capture import BlockInputs, call_block, capture_block_inputs
+from shears.pruning.calibration import as_calibration, check_token_ids
+from shears.pruning.capture import capture_block_inputs, run_pass
 from shears.pruning.layers import find_decoder_blocks, prunable_modules, weight_matrix
 from shears.pruning.masks import (
     magnitude_scores,
@@ -27,7 +27,7 @@ from shears.pruning.owl import (
     owl_allocation,
     per_map_sparsity,
 )
-from shears.pruning.statistics import BlockDone, InputStatistics
+from shears.pruning.statistics import InputStatistics
 
 from .report import SparsityReport, sparsity_report
 
@@ -62,22 +62,6 @@ def _check_finite(values, where: str) -> None:
                            "(fp16 overflow?) and the calibration data")
 
 
-def _run_pass(block, inputs: BlockInputs, calib: Calibration, batch_size: int, device,
-              stats: InputStatistics | None, write: bool) -> None:
-    """One pass of every calibration batch through ``block``; collect statistics if given,
-    and overwrite the hidden-state buffer with the block's outputs if ``write``."""
-    for b, (start, _, mask) in enumerate(calib.batches(batch_size)):
-        x = inputs.hidden[start : start + batch_size].to(device, non_blocking=True)
-        if stats is not None:
-            stats.start_batch(None if mask is None else mask.to(device))
-        try:
-            out = call_block(block, inputs, b, x, device)
-        except BlockDone:
-            continue
-        if write:
-            inputs.hidden[start : start + out.shape[0]].copy_(out)
-
-
 @torch.no_grad()
 def _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm,
                  sequential: bool, propagate: bool, name: str) -> None:
@@ -85,7 +69,7 @@ def _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm
     # produces the next block's inputs. Otherwise one dense pass does both.
     stats = InputStatistics(modules, device, stop_early=sequential or not propagate)
     try:
-        _run_pass(block, inputs, calib, batch_size, device, stats,
+        run_pass(block, inputs, calib, batch_size, device, stats,
                   write=propagate and not sequential)
     finally:
         stats.remove()
@@ -95,7 +79,7 @@ def _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm
         _prune(module, wanda_scores(weight_matrix(module), means[qualified]),
                sparsity[qualified], nm)
     if propagate and sequential:
-        _run_pass(block, inputs, calib, batch_size, device, None, write=True)
+        run_pass(block, inputs, calib, batch_size, device, None, write=True)
     if propagate:
         _check_finite([inputs.hidden], f"the outputs of decoder block {name}")
 
@@ -301,5 +285,5 @@ def _prune_blocks(model, per_block, calib, sparsity, nm, sequential, batch_size,
             _wanda_block(block, modules, inputs, calib, batch_size, device, sparsity, nm,
                          sequential, propagate=i < last, name=name)
         else:
-            _run_pass(block, inputs, calib, batch_size, device, None, write=True)
+            run_pass(block, inputs, calib, batch_size, device, None, write=True)
         block.to(home if offload_device is None else store)
