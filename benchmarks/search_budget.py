@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
@@ -69,6 +70,13 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--correlation-configs", type=int, default=20)
     p.add_argument("--front-points", type=int, default=8,
                    help="members of the estimated front measured for the plot")
+    p.add_argument("--judge-records", type=int, default=0,
+                   help="records the search phases judge and estimate on: the validation "
+                   "slice, then unseen pool records after the training ones (0: the slice)")
+    p.add_argument("--searches", default=",".join(search_phases.SEARCHES),
+                   help="which of hill-climb, ordered, front the search phase runs")
+    p.add_argument("--search-dir", default="search",
+                   help="folder under --out for the search phases (one per judge)")
     p.add_argument("--adapters", default="lora,nls",
                    help="which of lora, nls the phases train and measure")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, seconds")
@@ -91,9 +99,13 @@ def parse(argv: list[str] | None = None):
         p.error(f"unknown phases {sorted(unknown)}")
     args.search_step = a.search_step or steps
     args.adapters = a.adapters.split(",")
+    a.searches = tuple(a.searches.split(","))
+    if set(a.searches) - set(search_phases.SEARCHES):
+        p.error(f"--searches takes {', '.join(search_phases.SEARCHES)}, not {a.searches}")
     if not args.adapters or set(args.adapters) - {"lora", "nls"}:
         p.error(f"--adapters takes lora and/or nls, not {a.adapters!r}")
-    for name in ("estimator", "race_batch", "correlation_configs", "front_points"):
+    for name in ("estimator", "race_batch", "correlation_configs", "front_points",
+                 "judge_records", "search_dir", "searches"):
         setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
     return args, a.report
@@ -191,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device("cpu"), torch.float32
     if args.smoke:
         train_recs, val, tests = smoke_records()
+        judge = val
     else:
         raw, kept, counts = rp.load_training(args.task, data)
         train_recs, val = rp.split_training(kept, args, counts)
+        judge = judge_records(kept, args, train_recs, val, counts)
         tests, test_counts = rp.load_tests(args, data, raw)
         rp.write_json(out / "records.json", {"training": counts, "tests": test_counts})
     model, tok = rp.load_model(args, device, dtype)
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[prune] sparsity {pruning['sparsity']:.2%}", flush=True)
     train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
     rows, val_rows = loss_rows(args, tests, val, tok)
+    judge_rows = rp.response_rows(judge, tok, args.cutoff)
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
         if kind not in args.adapters:
             continue
@@ -216,8 +231,27 @@ def main(argv: list[str] | None = None) -> None:
         if "curve" in args.phases:
             curve(model, kind, args, rows, val_rows, out)
         if searching:
-            search_phases.run(model, tok, args, rows, val_rows, out)
+            search_phases.run(model, tok, args, rows, judge_rows, out)
         rp.strip_adapters(model)
+
+
+def judge_records(kept: list[dict], args, train: list[dict], val: list[dict],
+                  counts: dict) -> list[dict]:
+    """The validation slice, extended to ``args.judge_records`` by pool records that come
+    after the training ones (in split_training's seeded order) and share no problem with
+    them: a larger judge for the search phases that leaves the training records as they
+    were, so a trained super-adapter can be searched on it."""
+    if args.judge_records <= len(val):
+        return val
+    order = np.random.default_rng(args.seed).permutation(len(kept))
+    rest = [kept[i] for i in order[args.val_records:]]
+    unseen = rp.drop_overlap(rp.drop_overlap(rest, val)[len(train):], train)
+    extra = unseen[: args.judge_records - len(val)]
+    if len(val) + len(extra) < args.judge_records:
+        raise SystemExit(f"--judge-records {args.judge_records}: only "
+                         f"{len(val) + len(extra)} unseen records")
+    counts["judge"] = len(val) + len(extra)
+    return val + extra
 
 
 def smoke_records():
@@ -236,7 +270,9 @@ def markdown(out: Path) -> str:
                 label = "LoRA r=32" if kind == "lora" else f"NLS {name}"
                 lines.append(f"| {label} | {step} | {e['params']:,} | {e['val']:.4f} | "
                              f"{e['test_mean']:.4f} |")
-    return "\n".join(lines) + "\n\n" + search_phases.markdown(out / "search")
+    searched = [f for f in sorted(out.glob("search*")) if f.is_dir()]
+    return "\n".join(lines) + "\n\n" + "\n".join(
+        f"#### {f.name}\n\n{search_phases.markdown(f)}" for f in searched)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from shears.search import (
 
 PHASES = ("correlation", "search", "plot")
 BUDGETS = (16, 32)
+SEARCHES = ("hill-climb", "ordered", "front")  # first words of the searches' names
 # name -> rank_sensitivity arguments (the anchor is filled in from the model)
 ESTIMATORS = {"tangent at maximal": {"method": "tangent"},
               "tangent at heuristic": {"method": "tangent", "anchor": "heuristic"},
@@ -156,8 +157,10 @@ def correlation(model, judge: CachedJudge, sens: dict, out: Path, n: int, seed: 
     return result
 
 
-def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: int) -> dict:
-    """Every search at every budget, constrained to the heuristic's adapter parameters."""
+def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: int,
+             which: tuple[str, ...] = SEARCHES) -> dict:
+    """The searches ``which`` (default all) at every budget, constrained to the heuristic's
+    adapter parameters."""
     heuristic = shears.heuristic_config(model)
     limit = adapter_parameters(model, heuristic)
     done = rp.read_json(out / "searches.json", {})
@@ -174,7 +177,7 @@ def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: 
                 progress=False)}
         for name, run in runs.items():
             label = f"{name} @{budget}"
-            if label in done:
+            if label in done or name.split(" ")[0] not in which:
                 continue
             result = run()
             result.save(out / f"search-{name.split(' ')[0]}-{budget}.json")
@@ -297,7 +300,7 @@ def markdown(out: Path) -> str:
 
 def run(model, tok, args, rows: dict, val_rows: list[dict], out: Path) -> None:
     """The search phases on the NLS super-adapter saved at ``args.search_step``."""
-    folder = out / "search"
+    folder = out / getattr(args, "search_dir", "search")
     folder.mkdir(parents=True, exist_ok=True)
     shears.load_adapter(model, out / "nls" / f"step-{args.search_step}")
     batches = val_batches(val_rows, tok, args.race_batch)
@@ -308,7 +311,8 @@ def run(model, tok, args, rows: dict, val_rows: list[dict], out: Path) -> None:
         correlation(model, judge, sens, folder, args.correlation_configs, args.seed)
     if "search" in args.phases:
         timing(model, judge, folder)
-        picks = searches(model, judge, sens[args.estimator], folder, args.seed)
+        picks = searches(model, judge, sens[args.estimator], folder, args.seed,
+                         tuple(getattr(args, "searches", SEARCHES)))
         test_losses(model, picks, rows, args.eval_batch, folder)
         rp.write_json(folder / "searches.json", picks)
     if "plot" in args.phases:

@@ -113,3 +113,30 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
                              "--report", str(out)], capture_output=True, text=True,
                             timeout=120, env=env)
     assert "| front search @32 |" in report.stdout and "| tangent at maximal |" in report.stdout
+
+
+def test_judge_records_extend_the_slice_with_unseen_pool_records():
+    """search_budget's larger judge: the validation slice first, then records the training
+    never saw (no shared problem), and the training split unchanged."""
+    sys.path.insert(0, str(BENCH))
+    import reproduce as rp
+    import search_budget as sb
+
+    # 60 records, problems 0..44; problems 0..14 occur twice (as math_data.json's repeats)
+    kept = [{"instruction": f"Problem {i % 45}?", "input": "", "output": str(i)}
+            for i in range(60)]
+    args, _ = sb.parse(["--steps", "1", "--val-records", "8", "--records", "20",
+                        "--judge-records", "24"])
+    counts: dict = {}
+    train, val = rp.split_training(kept, args, counts)
+    judge = sb.judge_records(kept, args, train, val, counts)
+    assert judge[: len(val)] == val and len(judge) == 24 == counts["judge"]
+    assert rp.split_training(kept, args, {}) == (train, val)  # training as it was
+    seen = {r["instruction"] for r in train}
+    assert not seen & {r["instruction"] for r in judge}
+    assert len({id(r) for r in judge}) == len(judge)
+    args.judge_records = 0
+    assert sb.judge_records(kept, args, train, val, {}) == val
+    args.judge_records = 60
+    with pytest.raises(SystemExit, match="unseen records"):
+        sb.judge_records(kept, args, train, val, {})
