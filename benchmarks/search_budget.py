@@ -75,6 +75,8 @@ def parse(argv: list[str] | None = None):
                    "slice, then unseen pool records after the training ones (0: the slice)")
     p.add_argument("--searches", default=",".join(search_phases.SEARCHES),
                    help="which of hill-climb, ordered, front the search phase runs")
+    p.add_argument("--confirm-records", type=int, default=96,
+                   help="unseen records (none in the judge) the confirm phase scores on")
     p.add_argument("--search-dir", default="search",
                    help="folder under --out for the search phases (one per judge)")
     p.add_argument("--adapters", default="lora,nls",
@@ -105,7 +107,7 @@ def parse(argv: list[str] | None = None):
     if not args.adapters or set(args.adapters) - {"lora", "nls"}:
         p.error(f"--adapters takes lora and/or nls, not {a.adapters!r}")
     for name in ("estimator", "race_batch", "correlation_configs", "front_points",
-                 "judge_records", "search_dir", "searches"):
+                 "judge_records", "confirm_records", "search_dir", "searches"):
         setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
     return args, a.report
@@ -203,11 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device("cpu"), torch.float32
     if args.smoke:
         train_recs, val, tests = smoke_records()
-        judge = val
+        judge, confirm = val, train_recs[:4]  # the smoke run's model saw nothing real
     else:
         raw, kept, counts = rp.load_training(args.task, data)
         train_recs, val = rp.split_training(kept, args, counts)
-        judge = judge_records(kept, args, train_recs, val, counts)
+        judge, confirm = judge_records(kept, args, train_recs, val, counts)
         tests, test_counts = rp.load_tests(args, data, raw)
         rp.write_json(out / "records.json", {"training": counts, "tests": test_counts})
     model, tok = rp.load_model(args, device, dtype)
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
     rows, val_rows = loss_rows(args, tests, val, tok)
     judge_rows = rp.response_rows(judge, tok, args.cutoff)
+    args.confirm_rows = rp.response_rows(confirm, tok, args.cutoff)
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
         if kind not in args.adapters:
             continue
@@ -236,22 +239,26 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def judge_records(kept: list[dict], args, train: list[dict], val: list[dict],
-                  counts: dict) -> list[dict]:
-    """The validation slice, extended to ``args.judge_records`` by pool records that come
-    after the training ones (in split_training's seeded order) and share no problem with
-    them: a larger judge for the search phases that leaves the training records as they
-    were, so a trained super-adapter can be searched on it."""
-    if args.judge_records <= len(val):
-        return val
+                  counts: dict) -> tuple[list[dict], list[dict]]:
+    """The search's judge and the confirmation records.
+
+    The judge is the validation slice, extended to ``args.judge_records`` by pool records
+    that come after the training ones (in split_training's seeded order) and share no
+    problem with them: a larger judge that leaves the training records as they were, so a
+    trained super-adapter can be searched on it. The next ``args.confirm_records`` such
+    records (none of them in the judge) are the confirmation set of ``confirm``."""
     order = np.random.default_rng(args.seed).permutation(len(kept))
     rest = [kept[i] for i in order[args.val_records:]]
     unseen = rp.drop_overlap(rp.drop_overlap(rest, val)[len(train):], train)
-    extra = unseen[: args.judge_records - len(val)]
-    if len(val) + len(extra) < args.judge_records:
-        raise SystemExit(f"--judge-records {args.judge_records}: only "
-                         f"{len(val) + len(extra)} unseen records")
-    counts["judge"] = len(val) + len(extra)
-    return val + extra
+    n_extra = max(0, args.judge_records - len(val))
+    extra, unseen = unseen[:n_extra], rp.drop_overlap(unseen[n_extra:], val + unseen[:n_extra])
+    confirm = unseen[: args.confirm_records]
+    if len(extra) < n_extra or len(confirm) < args.confirm_records:
+        raise SystemExit(f"--judge-records {args.judge_records} and --confirm-records "
+                         f"{args.confirm_records}: only {len(val) + len(extra) + len(confirm)}"
+                         " unseen records")
+    counts.update(judge=len(val) + len(extra), confirmation=len(confirm))
+    return val + extra, confirm
 
 
 def smoke_records():

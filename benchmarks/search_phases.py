@@ -28,13 +28,14 @@ from shears.evaluation import InstructionCollator, evaluate_loss
 from shears.search import (
     RankSensitivity,
     adapter_parameters,
+    confirm_pick,
     estimated_front,
     front_search,
     make_chunked_evaluator,
     rank_sensitivity,
 )
 
-PHASES = ("correlation", "search", "plot")
+PHASES = ("correlation", "search", "confirm", "plot")
 BUDGETS = (16, 32)
 SEARCHES = ("hill-climb", "ordered", "front")  # first words of the searches' names
 # name -> rank_sensitivity arguments (the anchor is filled in from the model)
@@ -210,6 +211,28 @@ def test_losses(model, picks: dict, rows: dict, batch: int, out: Path) -> dict:
     return picks
 
 
+def confirm(model, judge: CachedJudge, rows: dict, batch: int, out: Path) -> dict:
+    """Every search's pick confirmed against the heuristic on records neither the training
+    nor the search's judge saw (``confirm_pick``, top 1): the confirmed sub-adapter's
+    confirmation score and held-out test loss, per search."""
+    heuristic = shears.heuristic_config(model)
+    limit = adapter_parameters(model, heuristic)
+    found = rp.read_json(out / "searches.json")
+    done = {}
+    for label in (k for k in found if k != "heuristic"):
+        name, budget = label.rsplit(" @", 1)
+        result = shears.SearchResult.load(out / f"search-{name.split(' ')[0]}-{budget}.json")
+        c = confirm_pick(result, judge, heuristic, max_params=limit)
+        done[label] = {"config": c.config, "accepted": c.accepted, "confirm": c.score,
+                       "confirm_scores": c.scores, "val": c.search_score,
+                       "params": adapter_parameters(model, c.config)}
+        print(f"[confirm] {label}: {'accepted' if c.accepted else 'heuristic kept'} "
+              f"({c.scores})", flush=True)
+    test_losses(model, done, rows, batch, out)
+    rp.write_json(out / "confirm.json", done)
+    return done
+
+
 def timing(model, judge: CachedJudge, out: Path) -> dict:
     """Wall time of one default (3-point path) sensitivity pass against one (uncached) full
     evaluation of the maximal sub-adapter, measured one after the other in this run."""
@@ -290,6 +313,18 @@ def markdown(out: Path) -> str:
             lines.append(f"| {name} | {e['val']:.4f} | {test} | {e['params']:,} | "
                          f"{spent:.4g} |")
         lines.append("")
+    conf = rp.read_json(out / "confirm.json")
+    if conf:
+        lines += ["Picks confirmed against the heuristic on unseen records (`confirm_pick`):",
+                  "", "| search | kept | confirmation loss (heuristic / pick) | held-out loss |",
+                  "|---|---|---|---|"]
+        for name, e in conf.items():
+            cand = e["confirm_scores"]["candidates"]
+            ref = e["confirm_scores"]["reference"]
+            pair = "n/a" if ref is None else f"{ref:.4f} / {cand[0]:.4f}"
+            kept = "pick" if e["accepted"] else "heuristic"
+            lines.append(f"| {name} | {kept} | {pair} | {e['test']:.4f} |")
+        lines.append("")
     t = rp.read_json(out / "timing.json")
     if t:
         lines.append(f"Sensitivity pass {t['sensitivity_s']:.1f} s against one evaluation "
@@ -315,6 +350,10 @@ def run(model, tok, args, rows: dict, val_rows: list[dict], out: Path) -> None:
                          tuple(getattr(args, "searches", SEARCHES)))
         test_losses(model, picks, rows, args.eval_batch, folder)
         rp.write_json(folder / "searches.json", picks)
+    if "confirm" in args.phases:
+        confirm_judge = CachedJudge(model, val_batches(args.confirm_rows, tok, args.race_batch),
+                                    folder / "confirm-chunks.jsonl")
+        confirm(model, confirm_judge, rows, args.eval_batch, folder)
     if "plot" in args.phases:
         plot(model, judge, sens[args.estimator], folder, args.front_points)
     print(f"[search] chunks computed in this run: {judge.computed}; {len(judge.memo)} cached "

@@ -91,7 +91,8 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "search_budget.py"), "--smoke", "--out", str(out),
-           "--phases", "train,curve,correlation,search,plot", "--correlation-configs", "6"]
+           "--phases", "train,curve,correlation,search,confirm,plot",
+           "--correlation-configs", "6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = out / "search"
@@ -105,6 +106,13 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
             e = found[f"{name} @{budget}"]
             assert e["params"] <= limit and e["val"] <= found["heuristic"]["val"] + 1e-12
             assert e["spent"] <= budget + 1e-9 and "test" in e
+    confirmed = json.loads((folder / "confirm.json").read_text())
+    assert set(confirmed) == set(found) - {"heuristic"}
+    for name, e in confirmed.items():  # the heuristic unless the pick won on fresh records
+        kept = found[name]["config"] if e["accepted"] else found["heuristic"]["config"]
+        assert e["config"] == kept and e["params"] <= limit and "test" in e
+        if e["accepted"]:
+            assert e["confirm"] < e["confirm_scores"]["reference"]
     assert (folder / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((folder / "timing.json").read_text())["ratio"] > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -113,30 +121,32 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
                              "--report", str(out)], capture_output=True, text=True,
                             timeout=120, env=env)
     assert "| front search @32 |" in report.stdout and "| tangent at maximal |" in report.stdout
+    assert "confirmed against the heuristic" in report.stdout
 
 
 def test_judge_records_extend_the_slice_with_unseen_pool_records():
     """search_budget's larger judge: the validation slice first, then records the training
-    never saw (no shared problem), and the training split unchanged."""
+    never saw (no shared problem); the confirmation records share none with either; the
+    training split unchanged."""
     sys.path.insert(0, str(BENCH))
     import reproduce as rp
     import search_budget as sb
 
-    # 60 records, problems 0..44; problems 0..14 occur twice (as math_data.json's repeats)
-    kept = [{"instruction": f"Problem {i % 45}?", "input": "", "output": str(i)}
-            for i in range(60)]
+    # 80 records, problems 0..59; problems 0..19 occur twice (as math_data.json's repeats)
+    kept = [{"instruction": f"Problem {i % 60}?", "input": "", "output": str(i)}
+            for i in range(80)]
     args, _ = sb.parse(["--steps", "1", "--val-records", "8", "--records", "20",
-                        "--judge-records", "24"])
+                        "--judge-records", "24", "--confirm-records", "10"])
     counts: dict = {}
     train, val = rp.split_training(kept, args, counts)
-    judge = sb.judge_records(kept, args, train, val, counts)
+    judge, confirm = sb.judge_records(kept, args, train, val, counts)
     assert judge[: len(val)] == val and len(judge) == 24 == counts["judge"]
+    assert len(confirm) == 10 == counts["confirmation"]
     assert rp.split_training(kept, args, {}) == (train, val)  # training as it was
-    seen = {r["instruction"] for r in train}
-    assert not seen & {r["instruction"] for r in judge}
-    assert len({id(r) for r in judge}) == len(judge)
+    problems = [{r["instruction"] for r in part} for part in (train, judge, confirm)]
+    assert not problems[0] & problems[1] and not problems[2] & (problems[0] | problems[1])
     args.judge_records = 0
-    assert sb.judge_records(kept, args, train, val, {}) == val
-    args.judge_records = 60
+    assert sb.judge_records(kept, args, train, val, {})[0] == val
+    args.judge_records = 70
     with pytest.raises(SystemExit, match="unseen records"):
         sb.judge_records(kept, args, train, val, {})

@@ -20,6 +20,7 @@ from shears.adapters import (
 
 from .allocate import FrontPoint, allocate, estimated_front, rank_costs
 from .chunked import ChunkedEvaluator, make_chunked_evaluator
+from .confirm import Confirmation, confirm_pick
 from .evaluator import make_evaluator
 from .front_search import front_search
 from .hill_climb import hill_climb
@@ -30,12 +31,14 @@ from .sensitivity import RankSensitivity, rank_sensitivity
 
 __all__ = [
     "ChunkedEvaluator",
+    "Confirmation",
     "Evaluation",
     "FrontPoint",
     "RankSensitivity",
     "SearchResult",
     "adapter_parameters",
     "allocate",
+    "confirm_pick",
     "estimated_front",
     "front_search",
     "get_config",
