@@ -10,12 +10,17 @@ validation slice, held-out tests, Wanda, adapters, authors' defaults):
 * ``curve``: validation and held-out test loss (response tokens of the test sets'
   reference responses whose answer is right) of LoRA and of the NLS maximal, heuristic and
   minimal sub-adapters at every saved step.
-* ``correlation``, ``search``, ``plot`` (benchmarks/search_phases.py), on the NLS
+* ``base``: the same losses of the pruned model without adapters (how much of a better
+  base survives fine-tuning, issue 18).
+* ``correlation``, ``search``, ``confirm``, ``plot`` (benchmarks/search_phases.py), on the NLS
   super-adapter of ``--search-step``: the rank sensitivity's estimate against measured
   validation losses of ``--correlation-configs`` random sub-adapters; heuristic, today's
   hill-climb, the ordered climb and front_search at budgets 16 and 32 within the
   heuristic's adapter parameters, with validation and held-out test loss; the sensitivity
-  pass's wall time against one evaluation; the estimated and measured front as a PNG.
+  pass's wall time against one evaluation; each pick confirmed against the heuristic on
+  ``--confirm-records`` unseen records (``confirm_pick``); the estimated and measured front
+  as a PNG. ``--judge-records`` widens the judge beyond the 32-record validation slice
+  (``--search-dir`` keeps each judge's results apart).
 
     flock /tmp/shears-long.lock python benchmarks/search_budget.py --task math \\
       --data ../shared/data --out outputs/search-math --phases train,curve
@@ -60,7 +65,7 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--save-at", default="40,80", help="steps at which adapters are saved too")
     p.add_argument("--eval-records", type=int, default=40, help="held-out records per test set")
     p.add_argument("--phases", default="train,curve",
-                   help="any of train, curve, correlation, search, plot")
+                   help="any of base, train, curve, correlation, search, confirm, plot")
     p.add_argument("--search-step", type=int, default=None,
                    help="saved NLS step the search phases use (default: the last)")
     p.add_argument("--estimator", default="path, 3 points",
@@ -96,7 +101,7 @@ def parse(argv: list[str] | None = None):
     args = rp.parse_args(flags)
     args.save_at = sorted({int(s) for s in a.save_at.split(",") if s} | {steps})
     args.phases = a.phases.split(",")
-    unknown = set(args.phases) - {"train", "curve", *search_phases.PHASES}
+    unknown = set(args.phases) - {"base", "train", "curve", *search_phases.PHASES}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}")
     args.search_step = a.search_step or steps
@@ -217,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[prune] sparsity {pruning['sparsity']:.2%}", flush=True)
     train_ds = instruction_dataset(train_recs, tok, cutoff_len=args.cutoff)
     rows, val_rows = loss_rows(args, tests, val, tok)
+    if "base" in args.phases and not (out / "curve-base.json").is_file():
+        entry = losses(model, rows, val_rows, args.eval_batch)  # the pruned model, no adapter
+        rp.write_json(out / "curve-base.json", {"0": {"pruned": {**entry, "params": 0}}})
+        print(f"[curve] pruned base: val {entry['val']:.4f} test {entry['test_mean']:.4f}",
+              flush=True)
     judge_rows = rp.response_rows(judge, tok, args.cutoff)
     args.confirm_rows = rp.response_rows(confirm, tok, args.cutoff)
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
@@ -270,11 +280,11 @@ def smoke_records():
 def markdown(out: Path) -> str:
     lines = [f"### {out.name}", "", "| adapter | step | params | val loss | held-out loss |",
              "|---|---|---|---|---|"]
-    for kind in ("lora", "nls"):
+    for kind in ("base", "lora", "nls"):
         done = rp.read_json(out / f"curve-{kind}.json", {})
         for step, entry in sorted(done.items(), key=lambda kv: int(kv[0])):
             for name, e in entry.items():
-                label = "LoRA r=32" if kind == "lora" else f"NLS {name}"
+                label = {"lora": "LoRA r=32", "base": "no adapter"}.get(kind, f"NLS {name}")
                 lines.append(f"| {label} | {step} | {e['params']:,} | {e['val']:.4f} | "
                              f"{e['test_mean']:.4f} |")
     searched = [f for f in sorted(out.glob("search*")) if f.is_dir()]
