@@ -82,6 +82,7 @@ def parse(argv: list[str] | None = None):
                    help="which of hill-climb, ordered, front the search phase runs")
     p.add_argument("--confirm-records", type=int, default=96,
                    help="unseen records (none in the judge) the confirm phase scores on")
+    p.add_argument("--budgets", default="16,32", help="the searches' evaluation budgets")
     p.add_argument("--search-dir", default="search",
                    help="folder under --out for the search phases (one per judge)")
     p.add_argument("--adapters", default="lora,nls",
@@ -107,12 +108,13 @@ def parse(argv: list[str] | None = None):
     args.search_step = a.search_step or steps
     args.adapters = a.adapters.split(",")
     a.searches = tuple(a.searches.split(","))
+    a.budgets = tuple(int(b) for b in a.budgets.split(","))
     if set(a.searches) - set(search_phases.SEARCHES):
         p.error(f"--searches takes {', '.join(search_phases.SEARCHES)}, not {a.searches}")
     if not args.adapters or set(args.adapters) - {"lora", "nls"}:
         p.error(f"--adapters takes lora and/or nls, not {a.adapters!r}")
     for name in ("estimator", "race_batch", "correlation_configs", "front_points",
-                 "judge_records", "confirm_records", "search_dir", "searches"):
+                 "judge_records", "confirm_records", "search_dir", "searches", "budgets"):
         setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
     return args, a.report

@@ -161,14 +161,14 @@ def correlation(model, judge: CachedJudge, sens: dict, out: Path, n: int, seed: 
 
 
 def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: int,
-             which: tuple[str, ...] = SEARCHES) -> dict:
-    """The searches ``which`` (default all) at every budget, constrained to the heuristic's
-    adapter parameters."""
+             which: tuple[str, ...] = SEARCHES, budgets: tuple[int, ...] = BUDGETS) -> dict:
+    """The searches ``which`` at ``budgets`` (default all, at 16 and 32), constrained to the
+    heuristic's adapter parameters."""
     heuristic = shears.heuristic_config(model)
     limit = adapter_parameters(model, heuristic)
     done = rp.read_json(out / "searches.json", {})
     done["heuristic"] = {"config": heuristic, "val": judge(heuristic), "params": limit}
-    for budget in BUDGETS:
+    for budget in budgets:
         runs = {
             "hill-climb (today's)": lambda b=budget: shears.hill_climb(
                 model, judge, budget=b, seed=seed, maximize=False, progress=False),
@@ -355,7 +355,8 @@ def run(model, tok, args, rows: dict, val_rows: list[dict], out: Path) -> None:
     if "search" in args.phases:
         timing(model, judge, folder)
         picks = searches(model, judge, sens[args.estimator], folder, args.seed,
-                         tuple(getattr(args, "searches", SEARCHES)))
+                         tuple(getattr(args, "searches", SEARCHES)),
+                         tuple(getattr(args, "budgets", BUDGETS)))
         test_losses(model, picks, rows, args.eval_batch, folder)
         rp.write_json(folder / "searches.json", picks)
     if "confirm" in args.phases:
