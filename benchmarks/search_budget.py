@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
@@ -259,9 +258,7 @@ def judge_records(kept: list[dict], args, train: list[dict], val: list[dict],
     problem with them: a larger judge that leaves the training records as they were, so a
     trained super-adapter can be searched on it. The next ``args.confirm_records`` such
     records (none of them in the judge) are the confirmation set of ``confirm``."""
-    order = np.random.default_rng(args.seed).permutation(len(kept))
-    rest = [kept[i] for i in order[args.val_records:]]
-    unseen = rp.drop_overlap(rp.drop_overlap(rest, val)[len(train):], train)
+    unseen = rp.drop_overlap(rp.validation_and_pool(kept, args)[1][len(train):], train)
     n_extra = max(0, args.judge_records - len(val))
     extra, unseen = unseen[:n_extra], rp.drop_overlap(unseen[n_extra:], val + unseen[:n_extra])
     confirm = unseen[: args.confirm_records]

@@ -160,6 +160,12 @@ def correlation(model, judge: CachedJudge, sens: dict, out: Path, n: int, seed: 
     return result
 
 
+def result_path(out: Path, label: str) -> Path:
+    """Where the search of ``label`` ("<name> @<budget>") saves its SearchResult."""
+    name, budget = label.rsplit(" @", 1)
+    return out / f"search-{name.split(' ')[0]}-{budget}.json"
+
+
 def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: int,
              which: tuple[str, ...] = SEARCHES, budgets: tuple[int, ...] = BUDGETS) -> dict:
     """The searches ``which`` at ``budgets`` (default all, at 16 and 32), constrained to the
@@ -183,7 +189,7 @@ def searches(model, judge: CachedJudge, sens: RankSensitivity, out: Path, seed: 
             if label in done or name.split(" ")[0] not in which:
                 continue
             result = run()
-            result.save(out / f"search-{name.split(' ')[0]}-{budget}.json")
+            result.save(result_path(out, label))
             within = [e for e in result.history if e.params <= limit]
             pick = min(within, key=lambda e: e.score)  # the heuristic's size at most
             done[label] = {"config": pick.config, "val": pick.score, "params": pick.params,
@@ -222,8 +228,7 @@ def confirm(model, judge: CachedJudge, rows: dict, batch: int, out: Path) -> dic
     found = rp.read_json(out / "searches.json")
     done = {}
     for label in (k for k in found if k != "heuristic"):
-        name, budget = label.rsplit(" @", 1)
-        result = shears.SearchResult.load(out / f"search-{name.split(' ')[0]}-{budget}.json")
+        result = shears.SearchResult.load(result_path(out, label))
         c = confirm_pick(result, judge, heuristic, max_params=limit)
         done[label] = {"config": c.config, "accepted": c.accepted, "confirm": c.score,
                        "confirm_scores": c.scores, "val": c.search_score,

@@ -270,14 +270,19 @@ def load_training(task: str, data: Path) -> tuple[list[dict], list[dict], dict]:
 def split_training(records: list[dict], args: argparse.Namespace, counts: dict):
     """A seeded validation slice for the search, and the training records: the rest, minus
     problems that also occur in the slice, subsampled to --records."""
+    val, pool = validation_and_pool(records, args)
+    train = pool[: args.records or None]  # already in random order
+    counts.update(validation=len(val), dropped_overlap_with_validation=len(records)
+                  - len(val) - len(pool), pool=len(pool), train=len(train))
+    return train, val
+
+
+def validation_and_pool(records: list[dict], args: argparse.Namespace):
+    """The seeded validation slice, and the other records in that seeded order minus
+    problems that occur in the slice (the pool the training records are drawn from)."""
     order = np.random.default_rng(args.seed).permutation(len(records))
     val = [records[i] for i in order[: args.val_records]]
-    rest = [records[i] for i in order[args.val_records:]]
-    pool = drop_overlap(rest, val)
-    train = pool[: args.records or None]  # already in random order
-    counts.update(validation=len(val), dropped_overlap_with_validation=len(rest) - len(pool),
-                  pool=len(pool), train=len(train))
-    return train, val
+    return val, drop_overlap([records[i] for i in order[args.val_records:]], val)
 
 
 def subsample(records: list[dict], n: int, seed: int) -> list[dict]:
