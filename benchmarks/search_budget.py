@@ -42,6 +42,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import judge_strata  # noqa: E402
 import reproduce as rp  # noqa: E402
 import search_phases  # noqa: E402
 
@@ -77,6 +78,9 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--judge-records", type=int, default=0,
                    help="records the search phases judge and estimate on: the validation "
                    "slice, then unseen pool records after the training ones (0: the slice)")
+    p.add_argument("--judge-strata", action="store_true",
+                   help="judge and confirm on one stratum per test set, weighed equally "
+                   "(benchmarks/judge_strata.py); --judge-records then counts all strata")
     p.add_argument("--searches", default=",".join(search_phases.SEARCHES),
                    help="which of hill-climb, ordered, front the search phase runs")
     p.add_argument("--confirm-records", type=int, default=96,
@@ -113,7 +117,8 @@ def parse(argv: list[str] | None = None):
     if not args.adapters or set(args.adapters) - {"lora", "nls"}:
         p.error(f"--adapters takes lora and/or nls, not {a.adapters!r}")
     for name in ("estimator", "race_batch", "correlation_configs", "front_points",
-                 "judge_records", "confirm_records", "search_dir", "searches", "budgets"):
+                 "judge_records", "confirm_records", "search_dir", "searches", "budgets",
+                 "judge_strata"):
         setattr(args, name, getattr(a, name))
     args.out = Path(a.out or rp.REPO / "outputs" / f"search-{a.task}{'-smoke' * a.smoke}")
     return args, a.report
@@ -212,11 +217,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         train_recs, val, tests = smoke_records()
         judge, confirm = val, train_recs[:4]  # the smoke run's model saw nothing real
+        if args.judge_strata:  # two strata of two records each, of unequal lengths
+            judge, confirm = ({"short": x[:2], "long": x[2:]} for x in (judge, confirm))
     else:
         raw, kept, counts = rp.load_training(args.task, data)
         train_recs, val = rp.split_training(kept, args, counts)
-        judge, confirm = judge_records(kept, args, train_recs, val, counts)
         tests, test_counts = rp.load_tests(args, data, raw)
+        judge, confirm = judge_records(kept, args, train_recs, val, counts)
+        if args.judge_strata:
+            judge, confirm, counts["strata"] = judge_strata.stratified_records(
+                unseen_pool(kept, args, train_recs), tests, raw, data, args)
         rp.write_json(out / "records.json", {"training": counts, "tests": test_counts})
     model, tok = rp.load_model(args, device, dtype)
     pruning = rp.prune(model, tok, args, data, train_recs, out)
@@ -228,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         rp.write_json(out / "curve-base.json", {"0": {"pruned": {**entry, "params": 0}}})
         print(f"[curve] pruned base: val {entry['val']:.4f} test {entry['test_mean']:.4f}",
               flush=True)
-    judge_rows = rp.response_rows(judge, tok, args.cutoff)
-    args.confirm_rows = rp.response_rows(confirm, tok, args.cutoff)
+    judge_rows, args.confirm_rows = (search_phases.rows_of(x, tok, args.cutoff)
+                                     for x in (judge, confirm))
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):
         if kind not in args.adapters:
             continue
@@ -258,7 +268,7 @@ def judge_records(kept: list[dict], args, train: list[dict], val: list[dict],
     problem with them: a larger judge that leaves the training records as they were, so a
     trained super-adapter can be searched on it. The next ``args.confirm_records`` such
     records (none of them in the judge) are the confirmation set of ``confirm``."""
-    unseen = rp.drop_overlap(rp.validation_and_pool(kept, args)[1][len(train):], train)
+    unseen = unseen_pool(kept, args, train)
     n_extra = max(0, args.judge_records - len(val))
     extra, unseen = unseen[:n_extra], rp.drop_overlap(unseen[n_extra:], val + unseen[:n_extra])
     confirm = unseen[: args.confirm_records]
@@ -268,6 +278,12 @@ def judge_records(kept: list[dict], args, train: list[dict], val: list[dict],
                          " unseen records")
     counts.update(judge=len(val) + len(extra), confirmation=len(confirm))
     return val + extra, confirm
+
+
+def unseen_pool(kept: list[dict], args, train: list[dict]) -> list[dict]:
+    """Pool records after the training ones (split_training's seeded order) that share no
+    problem with them."""
+    return rp.drop_overlap(rp.validation_and_pool(kept, args)[1][len(train):], train)
 
 
 def smoke_records():

@@ -34,6 +34,7 @@ from shears.search import (
     front_search,
     make_chunked_evaluator,
     rank_sensitivity,
+    stratified_batches,
 )
 
 PHASES = ("correlation", "search", "confirm", "plot")
@@ -80,9 +81,20 @@ class CachedJudge:
         return sum(s for s, _ in parts) / sum(c for _, c in parts)
 
 
-def val_batches(val_rows: list[dict], tok, size: int) -> list[dict]:
+def val_batches(val_rows: list[dict] | dict[str, list[dict]], tok, size: int) -> list[dict]:
+    """Batches of ``size`` rows; of each stratum apart, weighed equally
+    (``stratified_batches``), when ``val_rows`` maps strata to rows."""
+    if isinstance(val_rows, dict):
+        return stratified_batches({n: val_batches(r, tok, size) for n, r in val_rows.items()})
     collate = InstructionCollator(tok)
     return [collate(val_rows[i: i + size]) for i in range(0, len(val_rows), size)]
+
+
+def rows_of(records: list[dict] | dict[str, list[dict]], tok, cutoff: int):
+    """``response_rows`` of the records, or of each stratum's."""
+    if isinstance(records, dict):
+        return {n: rp.response_rows(r, tok, cutoff) for n, r in records.items()}
+    return rp.response_rows(records, tok, cutoff)
 
 
 def sensitivities(model, batches, out: Path, names=None) -> dict[str, RankSensitivity]:

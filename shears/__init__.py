@@ -66,6 +66,7 @@ from shears.search import (
     nsga2_search,
     plot_search,
     rank_sensitivity,
+    stratified_batches,
 )
 from shears.training import NLSTrainer
 
@@ -112,6 +113,7 @@ __all__ = [
     "save_adapter",
     "search_space",
     "set_config",
+    "stratified_batches",
     "sparsity_report",
     "to_semi_structured",
     "wanda_prune",

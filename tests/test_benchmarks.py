@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,42 @@ def test_judge_records_extend_the_slice_with_unseen_pool_records():
     args.judge_records = 70
     with pytest.raises(SystemExit, match="unseen records"):
         sb.judge_records(kept, args, train, val, {})
+
+
+def test_judge_strata_hold_unseen_problems_of_each_test_set(tmp_path):
+    """judge_strata: a stratum per test set, of unseen pool problems of that set and its
+    unevaluated held-out records; none trained on, evaluated, or in two roles; wrong
+    rationales left out; the judge and confirmation split in the ratio asked."""
+    sys.path.insert(0, str(BENCH))
+    import judge_strata as js
+
+    def rec(i, answer=None):
+        return {"instruction": f"Problem {i}?", "input": "", "answer": str(i),
+                "output": f"The answer is {i if answer is None else answer}."}
+
+    tests = {"gsm8k": [rec(i) for i in range(0, 40)], "SingleEq": [rec(i) for i in range(40, 60)]}
+    for name, recs in tests.items():
+        (tmp_path / f"{name}_test.json").write_text(json.dumps(recs))
+    raw = [rec(i) for i in range(0, 50, 2)]  # the training file: even problems below 50
+    train = raw[:5]                          # problems 0, 2, .., 8
+    unseen = rp_drop(raw[5:], train) + [rec(61), rec(12, answer=13)]  # 13: a wrong rationale
+    evaluated = {"gsm8k": [rec(1), rec(3)], "SingleEq": [rec(41)]}
+    args = types.SimpleNamespace(judge_records=12, confirm_records=6, seed=0)
+    judge, confirm, counts = js.stratified_records(unseen, evaluated, raw, tmp_path, args)
+    trained = {r["instruction"] for r in train}
+    seen = trained | {r["instruction"] for recs in evaluated.values() for r in recs}
+    roles = [{r["instruction"] for recs in part.values() for r in recs}
+             for part in (judge, confirm)]
+    assert not roles[0] & roles[1] and not (roles[0] | roles[1]) & seen
+    for name, part in (*judge.items(), *confirm.items()):
+        problems = {int(r["instruction"].split()[1][:-1]) for r in part}
+        assert problems <= {i for r in tests[name] for i in [int(r["answer"])]}
+        assert all(r["task"] == name and r["output"].endswith(f"{r['answer']}.") for r in part)
+    assert [len(judge[n]) for n in tests] == [6, 6] and [len(confirm[n]) for n in tests] == [3, 3]
+    assert counts["gsm8k"]["judge"] == 6
+
+
+def rp_drop(records, training):
+    sys.path.insert(0, str(BENCH))
+    import reproduce as rp
+    return rp.drop_overlap(records, training)

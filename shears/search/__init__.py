@@ -19,7 +19,7 @@ from shears.adapters import (
 )
 
 from .allocate import FrontPoint, allocate, estimated_front, rank_costs
-from .chunked import ChunkedEvaluator, make_chunked_evaluator
+from .chunked import ChunkedEvaluator, make_chunked_evaluator, stratified_batches
 from .confirm import Confirmation, confirm_pick
 from .evaluator import make_evaluator
 from .front_search import front_search
@@ -55,4 +55,5 @@ __all__ = [
     "rank_sensitivity",
     "search_space",
     "set_config",
+    "stratified_batches",
 ]

@@ -11,6 +11,10 @@ they were batched.
 for every search, and also scores a configuration on one *chunk* of the batches, which is
 what :func:`front_search` needs to race candidates on the same records (the race protocol:
 ``chunk_costs`` and ``chunk(config, i)``).
+
+:func:`stratified_batches` weighs several sets of records (strata) as a mean over the sets
+does, whatever their sizes, through a per-record ``weights`` entry that :func:`token_loss`
+honours: a judge that weighs its tasks as the held-out mean over test sets weighs them.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ def token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[tor
     """Summed next-token cross-entropy over the label tokens of ``batch``, and their count.
 
     ``batch``: ``input_ids`` (b, t), ``labels`` (b, t) with -100 where not scored, optional
-    ``attention_mask`` (b, t). Moved to the model's device here. Returns two 0-d tensors on
-    that device (no host sync): the sum in fp32 (fp64 for an fp64 model) and the count.
+    ``attention_mask`` (b, t) and optional ``weights`` (b,), a weight per record. Moved to
+    the model's device here. Returns two 0-d tensors on that device (no host sync): the sum
+    in fp32 (fp64 for an fp64 model) and the count. With ``weights``, every token of record
+    ``i`` counts ``weights[i]`` times in both, so sum / count is the weighted token mean.
     """
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
@@ -46,9 +52,55 @@ def token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[tor
     if logits.dtype != torch.float64:
         logits = logits.float()
     targets = batch["labels"][:, 1:].to(device)  # (b, t - 1): token t + 1 is predicted at t
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (targets != IGNORE_INDEX).sum()
+    weights = batch.get("weights")
+    if weights is None:
+        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, (targets != IGNORE_INDEX).sum()
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                reduction="none")  # (b, t - 1), 0 where not scored
+    w = weights.to(device=device, dtype=per_token.dtype)[:, None]  # (b, 1)
+    return (per_token * w).sum(), ((targets != IGNORE_INDEX) * w).sum()
+
+
+def label_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(b,) label tokens per record that :func:`token_loss` scores (labels shifted by one)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def stratified_batches(strata: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+                       weights: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Batches of several strata, weighted so that the judge's loss is the weighted mean
+    of the strata's token-mean losses.
+
+    Args:
+        strata: name -> that stratum's batches (dicts of (b, t) tensors as
+            :func:`token_loss` takes; every record of a batch belongs to its stratum).
+        weights: name -> weight (default: equal); normalised to sum to 1.
+
+    Returns the batches, each with ``weights`` (b,) = ``w_s / N_s`` for every record of
+    stratum ``s`` (``N_s`` its label tokens), interleaved round-robin across strata so
+    that every chunk of a race sees each of them. Then the token mean that
+    :func:`make_chunked_evaluator` and :func:`rank_sensitivity` compute over all of them is
+    ``sum_s w_s * loss_s``: the mean over test sets that held-out results report, where a
+    plain token mean would weigh each set by its records' length and number.
+    """
+    strata = {n: list(b) for n, b in strata.items()}
+    w = {n: 1.0 for n in strata} if weights is None else {n: float(weights[n]) for n in strata}
+    if not strata or any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+        raise ValueError(f"need strata with non-negative weights of positive sum, got {w}")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, batches in strata.items():
+        tokens = sum(int(label_tokens(b).sum()) for b in batches)
+        if tokens == 0:
+            raise ValueError(f"stratum {name!r} holds no label tokens")
+        share = w[name] / sum(w.values()) / tokens
+        out[name] = [{**b, "weights": torch.full((b["labels"].shape[0],), share,
+                                                 dtype=torch.float64)} for b in batches]
+    mixed = []
+    for i in range(max(len(b) for b in out.values())):
+        mixed += [batches[i] for batches in out.values() if i < len(batches)]
+    return mixed
 
 
 def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
@@ -97,7 +149,7 @@ class ChunkedEvaluator:
             with torch.no_grad():
                 parts = [self.loss(self.model, self.batches[b]) for b in self.chunks[i]]
                 total = torch.stack([s.double() for s, _ in parts]).sum()
-                count = torch.stack([c for _, c in parts]).sum()
+                count = torch.stack([c.double() for _, c in parts]).sum()
             return float(total), float(count)
         finally:
             set_config(self.model, previous)

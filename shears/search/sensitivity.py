@@ -50,7 +50,8 @@ class RankSensitivity:
         anchor: the configuration the changes are measured from.
         deltas: group -> {rank: estimated loss change}; the anchor's own rank has 0.0.
         base_loss: the anchor's measured loss (token mean) on the batches.
-        tokens: label tokens the loss counted.
+        tokens: label tokens the loss counted (their summed ``weights`` when the batches
+            carry them, see :func:`~shears.search.chunked.stratified_batches`).
         method: ``"tangent"`` (the gradient at the anchor) or ``"path"`` (trapezoid rule of
             the gradients along the segment from the maximal to the minimal sub-adapter).
         points: masks the gradient was taken at (1 for a tangent).
@@ -60,7 +61,7 @@ class RankSensitivity:
     anchor: Config
     deltas: dict[str, dict[int, float]]
     base_loss: float
-    tokens: int
+    tokens: float
     method: str = "tangent"
     points: int = 1
     path_losses: list[float] = field(default_factory=list)
@@ -81,7 +82,7 @@ class RankSensitivity:
     def from_dict(cls, data: Mapping[str, Any]) -> RankSensitivity:
         deltas = {g: {int(r): float(v) for r, v in d.items()} for g, d in data["deltas"].items()}
         return cls(anchor={g: int(r) for g, r in data["anchor"].items()}, deltas=deltas,
-                   base_loss=float(data["base_loss"]), tokens=int(data["tokens"]),
+                   base_loss=float(data["base_loss"]), tokens=float(data["tokens"]),
                    method=data.get("method", "tangent"), points=int(data.get("points", 1)),
                    path_losses=[float(x) for x in data.get("path_losses", [])])
 
@@ -147,7 +148,7 @@ def rank_sensitivity(model: nn.Module, batches: Iterable[Any], config: Mapping[s
         grads = {g: torch.zeros(space[g][0], dtype=_acc_dtype(leaves[0]),
                                 device=leaves[0].device) for g, leaves in probes.items()}
         totals = torch.zeros(n_points, dtype=_acc_dtype(first), device=first.device)
-        count = torch.zeros((), dtype=torch.int64, device=first.device)
+        count = torch.zeros((), dtype=_acc_dtype(first), device=first.device)
         for batch in tqdm(batches, desc="rank sensitivity", disable=not progress):
             for k in range(n_points):
                 _write_masks(probes, masks[k])
@@ -163,7 +164,7 @@ def rank_sensitivity(model: nn.Module, batches: Iterable[Any], config: Mapping[s
         # One transfer for everything, after the last batch: count, losses, gradients.
         flat = torch.cat([count.double().reshape(1).cpu(), totals.double().cpu(),
                           *(grads[g].double().cpu() for g in space)]).tolist()
-    tokens, losses = int(flat[0]), flat[1: 1 + n_points]
+    tokens, losses = flat[0], flat[1: 1 + n_points]
     flat = flat[1 + n_points:]
     if tokens == 0:
         raise ValueError("the batches hold no label tokens (all -100)")
