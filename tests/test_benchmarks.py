@@ -190,3 +190,23 @@ def rp_drop(records, training):
     sys.path.insert(0, str(BENCH))
     import reproduce as rp
     return rp.drop_overlap(records, training)
+
+
+def test_search_budget_smoke_judges_on_strata(tmp_path):
+    """--judge-strata: the judge's batches carry the strata's weights (their counts over one
+    configuration sum to 1, a mean over strata, not a token count) and the searches run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH / "search_budget.py"), "--smoke", "--out",
+                           str(out), "--phases", "train,search,confirm", "--judge-strata",
+                           "--searches", "front", "--budgets", "16"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts: dict = {}
+    for line in (out / "search" / "chunks.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        counts.setdefault(e["key"], []).append(e["count"])
+    full = [c for c in counts.values() if len(c) == 4]  # 4 chunks: every record scored
+    assert full and all(sum(c) == pytest.approx(1.0) for c in full)
+    found = json.loads((out / "search" / "searches.json").read_text())
+    assert found["front search @16"]["params"] <= found["heuristic"]["params"]
