@@ -44,8 +44,12 @@ def stratified_records(unseen: list[dict], tests: dict[str, list[dict]], raw: li
     """(judge strata, confirmation strata, counts): test set -> records, as the module says.
 
     ``unseen``: pool records that share no problem with the training records; ``tests``:
-    the evaluated records per test set; ``raw``: the whole training file."""
+    the evaluated records per test set; ``raw``: the whole training file. A test set none
+    of whose evaluated records has a right reference response (mawps: no responses) is not
+    in the held-out mean, so it gets no stratum either."""
     evaluated = [r for recs in tests.values() for r in recs]
+    tests = {n: recs for n, recs in tests.items()
+             if any(rp.rationale_is_right(r, n) for r in recs)}
     per_judge = args.judge_records // len(tests)
     per_confirm = args.confirm_records // len(tests)
     judge, confirm, counts, used = {}, {}, {}, []

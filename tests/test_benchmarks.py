@@ -170,7 +170,8 @@ def test_judge_strata_hold_unseen_problems_of_each_test_set(tmp_path):
     raw = [rec(i) for i in range(0, 50, 2)]  # the training file: even problems below 50
     train = raw[:5]                          # problems 0, 2, .., 8
     unseen = rp_drop(raw[5:], train) + [rec(61), rec(12, answer=13)]  # 13: a wrong rationale
-    evaluated = {"gsm8k": [rec(1), rec(3)], "SingleEq": [rec(41)]}
+    evaluated = {"gsm8k": [rec(1), rec(3)], "SingleEq": [rec(41)],
+                 "AddSub": [rec(70, answer=71)]}  # no right response: not in the held-out mean
     args = types.SimpleNamespace(judge_records=12, confirm_records=6, seed=0)
     judge, confirm, counts = js.stratified_records(unseen, evaluated, raw, tmp_path, args)
     trained = {r["instruction"] for r in train}
@@ -183,7 +184,7 @@ def test_judge_strata_hold_unseen_problems_of_each_test_set(tmp_path):
         assert problems <= {i for r in tests[name] for i in [int(r["answer"])]}
         assert all(r["task"] == name and r["output"].endswith(f"{r['answer']}.") for r in part)
     assert [len(judge[n]) for n in tests] == [6, 6] and [len(confirm[n]) for n in tests] == [3, 3]
-    assert counts["gsm8k"]["judge"] == 6
+    assert counts["gsm8k"]["judge"] == 6 and set(judge) == set(confirm) == set(tests)
 
 
 def rp_drop(records, training):
