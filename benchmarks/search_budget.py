@@ -65,7 +65,7 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--save-at", default="40,80", help="steps at which adapters are saved too")
     p.add_argument("--eval-records", type=int, default=40, help="held-out records per test set")
     p.add_argument("--phases", default="train,curve",
-                   help="any of base, train, curve, correlation, search, confirm, plot")
+                   help="any of base, train, curve, correlation, search, confirm, accuracy, plot")
     p.add_argument("--search-step", type=int, default=None,
                    help="saved NLS step the search phases use (default: the last)")
     p.add_argument("--estimator", default="path, 3 points",
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         rp.write_json(out / "curve-base.json", {"0": {"pruned": {**entry, "params": 0}}})
         print(f"[curve] pruned base: val {entry['val']:.4f} test {entry['test_mean']:.4f}",
               flush=True)
+    args.test_records = tests
     judge_rows, args.confirm_rows = (search_phases.rows_of(x, tok, args.cutoff)
                                      for x in (judge, confirm))
     for kind, ranks in (("lora", (args.ranks[0],)), ("nls", args.ranks)):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pick_accuracy
 import reproduce as rp
 import torch
 
@@ -37,7 +38,7 @@ from shears.search import (
     stratified_batches,
 )
 
-PHASES = ("correlation", "search", "confirm", "plot")
+PHASES = ("correlation", "search", "confirm", "accuracy", "plot")
 BUDGETS = (16, 32)
 SEARCHES = ("hill-climb", "ordered", "front")  # first words of the searches' names
 # name -> rank_sensitivity arguments (the anchor is filled in from the model)
@@ -350,6 +351,15 @@ def markdown(out: Path) -> str:
             kept = "pick" if e["accepted"] else "heuristic"
             lines.append(f"| {name} | {kept} | {pair} | {e['test']:.4f} |")
         lines.append("")
+    acc = rp.read_json(out / "accuracy-summary.json")
+    if acc:
+        lines += ["Held-out accuracy (mean over the test sets) of the heuristic and the "
+                  "confirmed picks:", "", "| sub-adapter | accuracy | right only here / only "
+                  "with the heuristic | McNemar p |", "|---|---|---|---|"]
+        for name, e in acc.items():
+            lines.append(f"| {name} | {e['mean']:.2%} | {e['right_only_here']} / "
+                         f"{e['right_only_heuristic']} | {e['mcnemar_p']:.3f} |")
+        lines.append("")
     t = rp.read_json(out / "timing.json")
     if t:
         lines.append(f"Sensitivity pass {t['sensitivity_s']:.1f} s against one evaluation "
@@ -380,6 +390,8 @@ def run(model, tok, args, rows: dict, val_rows: list[dict], out: Path) -> None:
         confirm_judge = CachedJudge(model, val_batches(args.confirm_rows, tok, args.race_batch),
                                     folder / "confirm-chunks.jsonl")
         confirm(model, confirm_judge, rows, args.eval_batch, folder)
+    if "accuracy" in args.phases:
+        pick_accuracy.accuracy(model, tok, args.test_records, args, folder)
     if "plot" in args.phases:
         plot(model, judge, sens[args.estimator], folder, args.front_points)
     print(f"[search] chunks computed in this run: {judge.computed}; {len(judge.memo)} cached "

@@ -92,7 +92,7 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "search_budget.py"), "--smoke", "--out", str(out),
-           "--phases", "train,curve,correlation,search,confirm,plot",
+           "--phases", "train,curve,correlation,search,confirm,accuracy,plot",
            "--correlation-configs", "6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,6 +114,9 @@ def test_search_budget_smoke_runs_every_phase_and_reports(tmp_path):
         assert e["config"] == kept and e["params"] <= limit and "test" in e
         if e["accepted"]:
             assert e["confirm"] < e["confirm_scores"]["reference"]
+    acc = json.loads((folder / "accuracy-summary.json").read_text())
+    assert set(acc) == {"heuristic"} | {n for n, e in confirmed.items() if e["accepted"]}
+    assert acc["heuristic"]["right_only_here"] == 0 and 0 <= acc["heuristic"]["mean"] <= 1
     assert (folder / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((folder / "timing.json").read_text())["ratio"] > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
